@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks and the end-to-end step benchmark (driven by `fastcram bench ...`)."""

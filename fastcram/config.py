@@ -1,0 +1,102 @@
+"""Configuration dataclasses and presets. Config objects are built by the CLI and passed down."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32768  # set from the data's tokenizer when a run starts
+    hidden: int = 768  # d_model
+    layers: int = 16
+    heads: int = 12  # head dim = hidden / heads
+    ffn: str = "geglu"  # "geglu" (recipe) or "gelu" (classic ablation)
+    intermediate: int = 3072  # width of the first FFN matmul's output (GLU: split into two halves)
+    seq_len: int = 128
+    norm_eps: float = 1e-12
+    init_std: float = 0.02
+    dropout: float = 0.0  # off in pretraining, 0.1 for fine-tuning
+
+    def __post_init__(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.ffn not in ("geglu", "gelu"):
+            raise ValueError(f"ffn must be 'geglu' or 'gelu', not {self.ffn!r}")
+        if self.ffn == "geglu" and self.intermediate % 2:
+            raise ValueError(f"a GLU FFN needs an even intermediate size, not {self.intermediate}")
+
+    @property
+    def ffn_out_in(self) -> int:
+        """Input width of the second FFN matmul."""
+        return self.intermediate // 2 if self.ffn == "geglu" else self.intermediate
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 128  # tokens per block
+    mask_prob: float = 0.25  # fraction of each block predicted; round(p * seq_len) positions exactly
+    mask_token_frac: float = 0.8  # of the predicted positions: replaced by <mask>
+    random_token_frac: float = 0.1  # ... replaced by a random token (the rest stay unchanged)
+    compression_threshold: float = 0.25  # drop a document when tokens / characters >= this
+    vocab_size: int = 32768  # for a tokenizer trained by `data prepare`
+    shard_blocks: int = 65536  # blocks per shard file (65536 x 128 x 2 bytes = 16 MiB)
+    doc_chars: int = 4000  # plain text: consecutive paragraphs grouped into documents of about this size
+
+    @property
+    def masked_per_seq(self) -> int:
+        return round(self.mask_prob * self.seq_len)
+
+
+@dataclass
+class TrainConfig:
+    budget_s: float = 24 * 3600.0  # wall-clock budget; compile time counts
+    micro_batch: int = 256  # sequences per forward/backward
+    final_batch: int = 8192  # sequences per optimizer step at the end of the ramp
+    batch_ramp_until: float = 0.6  # progress at which the batch reaches final_batch
+    lr: float = 1e-3  # peak learning rate
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-12
+    weight_decay: float = 0.01
+    grad_clip: float = 0.5
+    kernels: str = "torch"  # ops backend: "torch" | "triton"
+    compile: bool = True
+    seed: int = 0
+    log_interval_s: float = 10.0  # host syncs only at these intervals
+    checkpoint_interval_s: float = 600.0
+    keep_checkpoints: int = 2  # periodic checkpoints kept besides final.pt
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+
+@dataclass
+class Preset:
+    model: ModelConfig
+    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields this preset changes
+
+
+PRESETS: dict[str, Preset] = {
+    "crammed-bert": Preset(ModelConfig()),
+    "bert-classic-ffn": Preset(ModelConfig(ffn="gelu", intermediate=3072)),
+    # Small enough that two CPU cores visibly lower the MLM loss in minutes.
+    "tiny": Preset(
+        ModelConfig(vocab_size=8192, hidden=128, layers=2, heads=2, intermediate=512),
+        {"micro_batch": 32, "final_batch": 128, "log_interval_s": 5.0, "checkpoint_interval_s": 60.0},
+    ),
+}
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], model=dataclasses.replace(PRESETS[name].model))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a config dataclass from its dict, ignoring keys this version does not know."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+    return cls(**kw)

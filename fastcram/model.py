@@ -1,0 +1,132 @@
+"""Crammed BERT: pre-LayerNorm encoder with GELU-GLU FFN, no Linear biases, tied sparse-prediction decoder.
+
+Every fusable op goes through the `ops` bundle (fastcram.ops); this file never imports triton.
+Parameters and state_dict keys are the same for every ops backend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .ops import Ops
+
+
+class Norm(nn.Module):
+    """LayerNorm parameters only: the norm itself is applied through the ops bundle (maybe fused)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)  # one fused projection
+        self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = h.shape
+        qkv = self.qkv(h).view(B, L, 3, self.heads, D // self.heads)  # [B, L, 3, H, hd]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
+        drop = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)  # [B, H, L, hd]
+        return self.out(o.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
+
+
+class FFN(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.glu = cfg.ffn == "geglu"
+        self.ops = ops
+        self.inp = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)  # GLU: [a rows | gate rows]
+        self.outp = nn.Linear(cfg.ffn_out_in, cfg.hidden, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        act = self.ops.linear_geglu if self.glu else self.ops.linear_gelu
+        return self.outp(self.dropout(act(h, self.inp.weight)))  # [B, L, D]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.norm1 = Norm(cfg.hidden)
+        self.attn = Attention(cfg)
+        self.norm2 = Norm(cfg.hidden)
+        self.ffn = FFN(cfg, ops)
+        self.drop = nn.Dropout(cfg.dropout)
+
+
+def sinusoidal_positions(seq_len: int, dim: int) -> torch.Tensor:
+    """Standard sin/cos position table [seq_len, dim], base 10000."""
+    pos = torch.arange(seq_len, dtype=torch.float32).unsqueeze(1)  # [L, 1]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # [D/2]
+    table = torch.zeros(seq_len, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+class CrammedBert(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)  # also the tied decoder
+        self.pos_scale = nn.Parameter(torch.tensor(1.0 / math.sqrt(cfg.hidden)))
+        self.register_buffer("pos_table", sinusoidal_positions(cfg.seq_len, cfg.hidden), persistent=False)
+        self.emb_norm = Norm(cfg.hidden)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.layers))
+        self.final_norm = Norm(cfg.hidden)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
+            elif isinstance(m, Norm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.pos_scale.fill_(1.0 / math.sqrt(self.cfg.hidden))
+
+    def encode(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, L, D] (after the final norm)."""
+        ops, eps = self.ops, self.cfg.norm_eps
+        L = input_ids.shape[1]
+        e = self.tok_emb(input_ids) + self.pos_scale * self.pos_table[:L]  # [B, L, D]
+        x = self.emb_drop(ops.layer_norm(e, self.emb_norm.weight, self.emb_norm.bias, eps))  # residual stream
+        h = ops.layer_norm(x, self.blocks[0].norm1.weight, self.blocks[0].norm1.bias, eps)
+        # Each residual add is fused with the LayerNorm that follows it (the next block's, or the final one).
+        for i, blk in enumerate(self.blocks):
+            a = blk.drop(blk.attn(h, attn_mask))  # [B, L, D]
+            x, h = ops.add_layer_norm(a, x, blk.norm2.weight, blk.norm2.bias, eps)
+            f = blk.drop(blk.ffn(h))  # [B, L, D]
+            nxt = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.final_norm
+            x, h = ops.add_layer_norm(f, x, nxt.weight, nxt.bias, eps)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean MLM cross-entropy over the predicted positions (flat indices into [B * L])."""
+        h = self.encode(input_ids)  # [B, L, D]
+        return self.ops.mlm_loss(h.reshape(-1, h.shape[-1]), positions, labels, self.tok_emb.weight)
+
+
+def parameter_breakdown(model: CrammedBert) -> dict[str, int]:
+    """Parameter counts per component (the tied decoder is counted once, in the embedding)."""
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if name.startswith("blocks."):
+            key = "blocks." + name.split(".", 2)[2].rsplit(".", 1)[0]  # e.g. blocks.attn.qkv
+        else:
+            key = name.rsplit(".", 1)[0] if "." in name else name
+        groups[key] = groups.get(key, 0) + p.numel()
+    return groups
