@@ -9,6 +9,13 @@ from .config import PRESETS, DataConfig, TrainConfig, preset
 from .errors import UserError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2 (argparse's default prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_float(flag: str):
     def parse(s: str) -> float:
         try:
@@ -33,6 +40,10 @@ def _positive_int(flag: str):
     return parse
 
 
+def _micro_batch(s: str):
+    return "auto" if s == "auto" else _positive_int("--micro-batch")(s)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train crammed BERT until the wall-clock budget is spent")
     budget = p.add_mutually_exclusive_group()
@@ -42,11 +53,13 @@ def _add_train(sub) -> None:
                                                             "tiny without)")
     p.add_argument("--data", help="a folder made by `fastcram data prepare` (default: the built-in corpus)")
     p.add_argument("--out", help="run folder (default runs/<time>-<preset>)")
-    p.add_argument("--kernels", choices=["torch", "triton"], default="torch", help="ops backend")
+    p.add_argument("--kernels", choices=["torch", "triton", "auto"], default="torch",
+                   help="ops backend; auto times both per op on the run's shapes at start-up")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on GPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="run eagerly (default on CPU)")
-    p.add_argument("--micro-batch", type=_positive_int("--micro-batch"), help="sequences per forward/backward")
+    p.add_argument("--micro-batch", type=_micro_batch, help="sequences per forward/backward, or auto "
+                                                             "(searched at start-up, charged to the budget)")
     p.add_argument("--final-batch", type=_positive_int("--final-batch"),
                    help="sequences per optimizer step at the end of the batch ramp (recipe: 8192)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run with the budget it has already spent")
@@ -57,6 +70,12 @@ def _add_train(sub) -> None:
                    help="seconds between checkpoints")
     p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
                    help="dense bf16 peak of the GPU for MFU, when fastcram's table lacks it")
+    p.add_argument("--max-steps", type=_positive_int("--max-steps"),
+                   help="also stop after this many optimizer steps (smoke tests, profiling)")
+    p.add_argument("--profile-steps", metavar="A:B", help="record optimizer steps A..B-1 with torch.profiler "
+                                                           "(chrome trace + memory snapshot in the run folder)")
+    p.add_argument("--telemetry-interval", type=_positive_float("--telemetry-interval"), default=5.0,
+                   help="seconds between GPU telemetry samples")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_train)
 
@@ -76,8 +95,19 @@ def cmd_train(args) -> int:
     tcfg.budget_s = hours * 3600.0
     tcfg.kernels, tcfg.device, tcfg.seed = args.kernels, args.device, args.seed
     tcfg.compile = gpu if args.compile is None else args.compile
+    if args.micro_batch == "auto":
+        tcfg.micro_batch_auto, args.micro_batch = True, None
+    if args.profile_steps:
+        from .profiling import parse_window
+        try:
+            parse_window(args.profile_steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        tcfg.profile_steps = args.profile_steps
+    tcfg.telemetry_interval_s = args.telemetry_interval
     for flag, field in (("micro_batch", "micro_batch"), ("final_batch", "final_batch"),
-                        ("log_interval", "log_interval_s"), ("checkpoint_interval", "checkpoint_interval_s")):
+                        ("log_interval", "log_interval_s"), ("checkpoint_interval", "checkpoint_interval_s"),
+                        ("max_steps", "max_steps")):
         if getattr(args, flag) is not None:
             setattr(tcfg, field, getattr(args, flag))
     opts = RunOptions(train=tcfg, preset=name, data_dir=args.data, out_dir=args.out, resume=args.resume,
@@ -135,12 +165,80 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="a short profiled training session: where each millisecond of a step goes")
+    p.add_argument("--preset", choices=list(PRESETS), help="default: crammed-bert with a GPU, tiny without")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=5, help="profiled optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="steps before the window (compilation, caches)")
+    p.add_argument("--kernels", choices=["torch", "triton"], default="torch")
+    p.add_argument("--micro-batch", type=_positive_int("--micro-batch"))
+    p.add_argument("--data", help="prepared data folder (default: the built-in corpus)")
+    p.add_argument("--out", help="run folder for the trace (default: a new folder under runs/)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"))
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    import torch
+
+    from .train import RunOptions, train
+
+    gpu = torch.cuda.is_available()
+    name = args.preset or ("crammed-bert" if gpu else "tiny")
+    tcfg = dataclasses.replace(TrainConfig(), **preset(name).train_overrides)
+    tcfg.kernels, tcfg.compile = args.kernels, gpu if args.compile is None else args.compile
+    tcfg.budget_s = 3600.0  # only sets the schedule's progress; the run stops after the window
+    tcfg.final_batch = tcfg.micro_batch = args.micro_batch or tcfg.micro_batch  # one micro-batch per step
+    tcfg.profile_steps = f"{args.warmup}:{args.warmup + args.steps}"
+    tcfg.max_steps = args.warmup + args.steps
+    tcfg.log_interval_s = 1e9
+    opts = RunOptions(train=tcfg, preset=name, data_dir=args.data, out_dir=args.out, peak_tflops=args.peak_tflops)
+    summary = train(opts)
+    if not summary.get("profile"):
+        raise UserError("the profiling window did not complete")
+    print(f"trace: {summary['run_dir']}/profile/trace.json", file=sys.stderr)
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="PNG of a run: loss, lr, batch size, tokens/s, MFU, GPU telemetry")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/run.png)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    path = plot_run(args.run_dir, args.out)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .benchmarks.cli import add_parser  # flags of `fastcram bench ...` live beside the benchmarks
+
+    add_parser(sub)
+
+
+def _add_eval(sub) -> None:
+    from .evaluate import add_parser  # flags of `fastcram eval glue` live beside the evaluation
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastcram", description="Train crammed BERT on one GPU in a day, fast.")
+    parser = OneLineParser(prog="fastcram", description="Train crammed BERT on one GPU in a day, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_tokenizer(sub)
     _add_data(sub)
+    _add_profile(sub)
+    _add_plot(sub)
+    _add_bench(sub)
+    _add_eval(sub)
     return parser
 
 

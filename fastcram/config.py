@@ -59,13 +59,18 @@ class TrainConfig:
     eps: float = 1e-12
     weight_decay: float = 0.01
     grad_clip: float = 0.5
-    kernels: str = "torch"  # ops backend: "torch" | "triton"
+    kernels: str = "torch"  # ops backend: "torch" | "triton" | "auto" (timed per op at start-up)
     compile: bool = True
     seed: int = 0
     log_interval_s: float = 10.0  # host syncs only at these intervals
     checkpoint_interval_s: float = 600.0
     keep_checkpoints: int = 2  # periodic checkpoints kept besides final.pt
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    micro_batch_auto: bool = False  # search the micro-batch at start-up (charged to the budget)
+    profile_steps: str | None = None  # "A:B": torch.profiler over optimizer steps A..B-1
+    telemetry_interval_s: float = 5.0  # NVML sampling period
+    sync_debug: bool = False  # make any host sync inside the hot loop an error (CUDA only)
+    max_steps: int | None = None  # stop after this many optimizer steps even if budget remains (tests, profiling)
 
 
 @dataclass

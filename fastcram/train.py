@@ -25,7 +25,9 @@ from .errors import UserError
 from .metrics import RunLog, flops_per_token, mfu, peak_tflops
 from .model import CrammedBert
 from .ops import OpsError, get_ops, triton_unavailable_reason
+from .profiling import ProfileWindow, format_breakdown, parse_window
 from .schedule import BudgetClock, accumulation_steps, lr_multiplier
+from .telemetry import TelemetrySampler
 
 
 @dataclass
@@ -79,28 +81,68 @@ def open_run(opts: RunOptions) -> tuple[str, dict | None]:
 
 
 def restore_options(opts: RunOptions, run_dir: str) -> RunOptions:
-    """On resume the saved configuration wins, except a budget given on the command line."""
+    """On resume the saved configuration wins, except a budget or step limit given on the command line."""
     with open(os.path.join(run_dir, "config.json")) as f:
         saved = json.load(f)
     train = from_dict(TrainConfig, saved["train"])
     if opts.budget_given:
         train.budget_s = opts.train.budget_s
+    train.max_steps = opts.train.max_steps
     return dataclasses.replace(opts, train=train, preset=saved["preset"], data_dir=saved["data_dir"],
                                data=from_dict(DataConfig, saved["data"]))
 
 
 # ---------------------------------------------------------------- model, optimizer, step
 
-def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str) -> CrammedBert:
-    if tcfg.kernels == "triton":
+def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, per_op: dict | None = None) -> CrammedBert:
+    """The model on its ops bundle: tcfg.kernels for every op, or an explicit per-op choice."""
+    if tcfg.kernels == "triton" or "triton" in (per_op or {}).values():
         why = triton_unavailable_reason(device)
         if why:
             raise UserError(f"--kernels triton: {why}; use --kernels torch")
     try:
-        ops = get_ops(tcfg.kernels)
+        ops = get_ops("torch", per_op=per_op) if per_op else get_ops(tcfg.kernels)
     except OpsError as e:
         raise UserError(f"--kernels {tcfg.kernels}: {e}") from None
     return CrammedBert(model_cfg, ops).to(device)
+
+
+def autotune(model_cfg: ModelConfig, tcfg: TrainConfig, opts: "RunOptions", device: str, data) -> tuple[dict | None, dict]:
+    """`--kernels auto` and `--micro-batch auto`, before the real model is built; returns (per_op, report)."""
+    from . import autotune as at
+
+    report: dict = {}
+    per_op = None
+    t0 = time.perf_counter()
+    say = (lambda m: _say(opts, m))
+    if tcfg.micro_batch_auto:
+        say("auto-tuning the micro-batch (time counts against the budget):")
+        probe = build_model(model_cfg, dataclasses.replace(tcfg, kernels="torch" if tcfg.kernels == "auto"
+                                                           else tcfg.kernels), device)
+        step = make_step(probe, tcfg, device)
+        gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+
+        def make_batch(size):
+            ids = torch.randint(max(data.special.all) + 1, data.vocab_size, (size, data.seq_len), device=device)
+            b = mask_batch(ids, opts.data, data.special, data.vocab_size, gen)
+            return b.input_ids, b.positions, b.labels
+
+        cands = at.GPU_MICRO_BATCHES if device.startswith("cuda") else at.CPU_MICRO_BATCHES
+        cands = [c for c in cands if c <= len(data)]
+        best, trials = at.search_micro_batch(
+            lambda size: at.measure_step_throughput(step, make_batch, probe, size, data.seq_len, device), cands,
+            log=say)
+        tcfg.micro_batch = best
+        report["micro_batch"] = {"chosen": best, "trials": trials}
+        del probe, step
+        say(f"  -> micro-batch {best}")
+    if tcfg.kernels == "auto":
+        say("timing triton vs torch per op on this run's shapes:")
+        per_op, rows = at.choose_kernels(model_cfg, tcfg.micro_batch, opts.data.mask_prob, device, tcfg.compile,
+                                         log=say)
+        report["kernels"] = {"chosen": per_op, "timings_ms": rows}
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return per_op, report
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: str) -> torch.optim.AdamW:
@@ -156,6 +198,14 @@ class LoopState:
     position: DataPosition = field(default_factory=DataPosition)
 
 
+def restore_state(saved: dict, model, optimizer, mask_gen: torch.Generator) -> LoopState:
+    """Load a checkpoint's model, optimizer and RNG states; return the loop counters and data position."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    ckpt.set_rng_state(saved["rng"], mask_gen)
+    return LoopState(saved["step"], saved["micro_steps"], saved["sequences"], DataPosition(**saved["position"]))
+
+
 def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     """Run (or resume) training until the budget is spent; returns the summary."""
     run_dir, resume_state = open_run(opts)
@@ -180,18 +230,19 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
         raise UserError(f"the budget ({tcfg.budget_s:.0f} s) is already spent ({spent:.0f} s); "
                         f"pass a larger --hours/--minutes to continue")
 
+    per_op, tuning = None, {}
+    if resume_state is not None:
+        per_op = resume_state["ops"]  # the resumed run keeps its kernel choice and micro-batch
+    elif tcfg.kernels == "auto" or tcfg.micro_batch_auto:
+        per_op, tuning = autotune(model_cfg, tcfg, opts, device, data)
+        tcfg.micro_batch_auto = False  # the chosen size is what config.json records
+
     torch.manual_seed(tcfg.seed)
-    model = build_model(model_cfg, tcfg, device)
+    model = build_model(model_cfg, tcfg, device, per_op)
     optimizer = make_optimizer(model, tcfg, device)
     mask_gen = torch.Generator(device=device)
     mask_gen.manual_seed(tcfg.seed + 1)
-    state = LoopState()
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        state = LoopState(resume_state["step"], resume_state["micro_steps"], resume_state["sequences"],
-                          DataPosition(**resume_state["position"]))
-        ckpt.set_rng_state(resume_state["rng"], mask_gen)
+    state = LoopState() if resume_state is None else restore_state(resume_state, model, optimizer, mask_gen)
     step_fn = make_step(model, tcfg, device)
     loader = BlockLoader(data, tcfg.micro_batch, tcfg.seed, state.position, pin=device.startswith("cuda"))
 
@@ -202,7 +253,7 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     log = RunLog(os.path.join(run_dir, "log.jsonl"))
     env = environment(device)
     log.write({"event": "start" if resume_state is None else "resume", "config": config, **env,
-               "ops": model.ops.choice, "budget_spent_s": round(spent, 3)})
+               "ops": model.ops.choice, "budget_spent_s": round(spent, 3), "autotune": tuning or None})
     fpt = flops_per_token(model_cfg, opts.data.mask_prob)
     peak = peak_tflops(env["device"] if device.startswith("cuda") else None, opts.peak_tflops)
     _say(opts, f"fastcram: {opts.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
@@ -228,10 +279,23 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     first_loss = None
     grad_norm = torch.zeros((), device=device)
     stopped_by = None
+    profiler = None
+    if tcfg.profile_steps:
+        a, b = parse_window(tcfg.profile_steps)
+        profiler = ProfileWindow(os.path.join(run_dir, "profile"), a, b, device)
+    telemetry = TelemetrySampler(os.path.join(run_dir, "telemetry.jsonl"), tcfg.telemetry_interval_s,
+                                 quiet=not opts.progress).start()
+    profile_result = None
+    sync_debug = tcfg.sync_debug and device.startswith("cuda")
     model.train()
     with StopRequest() as stop:
         try:
-            while not clock.done():
+            while not clock.done() and (tcfg.max_steps is None or state.step < tcfg.max_steps):
+                if profiler:
+                    profiler.before_step(state.step)
+                if sync_debug:
+                    torch.cuda.set_sync_debug_mode("error")  # any host sync until the next log is a bug
+                step_wait = 0.0
                 p = clock.progress()
                 accum = accumulation_steps(p, tcfg.micro_batch, tcfg.final_batch, tcfg.batch_ramp_until)
                 lr = tcfg.lr * lr_multiplier(p)
@@ -239,7 +303,7 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
                     group["lr"] = lr
                 for _ in range(accum):
                     ids, wait = loader.next()
-                    interval["wait"] += wait
+                    step_wait += wait
                     ids = ids.to(device, non_blocking=True)
                     b = mask_batch(ids, opts.data, data.special, data.vocab_size, mask_gen)
                     loss_sum += step_fn(b.input_ids, b.positions, b.labels, accum) / accum
@@ -252,9 +316,21 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
                 state.position = loader.position
                 interval["steps"] += 1
                 interval["seqs"] += accum * tcfg.micro_batch
+                interval["wait"] += step_wait
+                if sync_debug:
+                    torch.cuda.set_sync_debug_mode("default")
+                if profiler:
+                    profiler.after_step(state.step, step_wait)
+                    if profiler.result:
+                        profile_result = {**profiler.result, "tokens_per_step": accum * tcfg.micro_batch *
+                                          tokens_per_seq, "flops_per_token": fpt, "peak_tflops": peak}
+                        _say(opts, "\n" + format_breakdown(profiler.result, profile_result["tokens_per_step"],
+                                                           fpt, peak))
+                        profiler = None
 
                 t = now()
-                if t - interval["t"] >= tcfg.log_interval_s or clock.done():
+                last_step = clock.done() or state.step == tcfg.max_steps
+                if t - interval["t"] >= tcfg.log_interval_s or last_step:
                     rec = _log_record(state, interval, loss_sum, grad_norm, lr, accum, tcfg, clock, t,
                                       tokens_per_seq, fpt, peak)
                     first_loss = rec["loss"] if first_loss is None else first_loss
@@ -269,7 +345,10 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
                     save_periodic()
                     last_ckpt = now()
         finally:
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
             loader.close()
+            telemetry.stop()
 
     if stopped_by:
         path = save_periodic()
@@ -286,7 +365,8 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
                "sequences": state.sequences, "tokens": state.sequences * tokens_per_seq,
                "budget_s": tcfg.budget_s, "budget_spent_s": round(clock.elapsed(), 3),
                "first_logged_loss": first_loss, "final_loss": _last_loss(run_dir),
-               "final_checkpoint": final_path, "device": env["device"], "ops": model.ops.choice}
+               "final_checkpoint": final_path, "device": env["device"], "ops": model.ops.choice,
+               "telemetry": telemetry.summary(state.sequences * tokens_per_seq), "profile": profile_result}
     atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
     log.write({"event": "end", **summary})
     log.close()

@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+    """A prepared small corpus (vocab 512) shared by the tests that train."""
+    from fastcram.config import DataConfig
+    from fastcram.data import prepare
+
+    from .helpers import write_small_corpus
+
+    root = tmp_path_factory.mktemp("small_data")
+    src = write_small_corpus(str(root / "src" / "corpus.txt"))
+    out = str(root / "prepared")
+    # A 512-word vocabulary splits words finely, so the recipe threshold (0.25) would drop everything.
+    prepare([src], out, DataConfig(vocab_size=512, shard_blocks=256, compression_threshold=0.6), progress=False)
+    return out
