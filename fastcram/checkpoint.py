@@ -69,16 +69,92 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return sorted(paths, key=lambda p: int(re.search(r"step-(\d+)\.pt$", p).group(1)))
 
 
-def latest(run_dir: str) -> str | None:
-    """The checkpoint to resume from: final.pt if the run finished, else the newest periodic one."""
+def candidates(run_dir: str) -> list[str]:
+    """Checkpoints to resume from, best first: final.pt if the run finished, then periodic ones newest first."""
     final = os.path.join(run_dir, CKPT_DIR, FINAL)
-    if os.path.isfile(final):
-        return final
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    return ([final] if os.path.isfile(final) else []) + list_checkpoints(run_dir)[::-1]
+
+
+def latest(run_dir: str) -> str | None:
+    c = candidates(run_dir)
+    return c[0] if c else None
 
 
 def prune(run_dir: str, keep: int) -> None:
     """Keep the newest `keep` periodic checkpoints (final.pt is never pruned)."""
     for p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         os.remove(p)
+
+
+def cleanup_temp_files(run_dir: str) -> list[str]:
+    """Remove temp files left by a write that was killed (they never look like checkpoints)."""
+    stale = glob.glob(os.path.join(run_dir, CKPT_DIR, "*.tmp*"))
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
+def to_host(obj):
+    """A copy of a (nested) state with every tensor on the host, so training can go on while it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class AsyncCheckpointer:
+    """Writes checkpoints on a background thread; training waits only for the copy to host memory.
+
+    One write is in flight at a time (a new request first waits for the previous one). Failures (a full disk,
+    an unwritable folder) are reported through `results()`, never raised into the training loop; the previous
+    checkpoint stays intact because every write is atomic.
+    """
+
+    def __init__(self, run_dir: str, keep: int):
+        import threading
+
+        self.run_dir, self.keep = run_dir, keep
+        self._threading = threading
+        self._thread = None
+        self._done: list[dict] = []
+        self._lock = threading.Lock()
+
+    def submit(self, path: str, state: dict, step: int) -> float:
+        """Copy `state` to host and start writing it; returns the copy time in seconds."""
+        import time
+
+        self.wait()
+        t0 = time.perf_counter()
+        host = to_host(state)
+        copy_s = time.perf_counter() - t0
+
+        def write():
+            t1 = time.perf_counter()
+            rec = {"event": "checkpoint", "step": step, "path": path, "copy_s": round(copy_s, 4)}
+            try:
+                save(path, host)
+                if os.path.basename(path) != FINAL:
+                    prune(self.run_dir, self.keep)
+                rec["write_s"] = round(time.perf_counter() - t1, 4)
+            except Exception as e:  # reported, not raised: training goes on
+                rec["error"] = f"{e.__class__.__name__}: {e}"
+            with self._lock:
+                self._done.append(rec)
+
+        self._thread = self._threading.Thread(target=write, name="fastcram-checkpoint", daemon=False)
+        self._thread.start()
+        return copy_s
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def results(self) -> list[dict]:
+        """Finished writes since the last call (each with write_s, or error)."""
+        with self._lock:
+            done, self._done = self._done, []
+        return done

@@ -76,6 +76,16 @@ def _add_train(sub) -> None:
                                                            "(chrome trace + memory snapshot in the run folder)")
     p.add_argument("--telemetry-interval", type=_positive_float("--telemetry-interval"), default=5.0,
                    help="seconds between GPU telemetry samples")
+    p.add_argument("--lr", type=_positive_float("--lr"), help="peak learning rate (recipe: 1e-3)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-identical reruns and resumes on CPU; needs --max-steps (schedules follow steps)")
+    p.add_argument("--verify-data", action="store_true", help="checksum every shard at start (default: 2 sampled)")
+    p.add_argument("--keep-checkpoints", type=_positive_int("--keep-checkpoints"),
+                   help="periodic checkpoints kept besides final.pt (default 2)")
+    p.add_argument("--stop-on-checkpoint-error", action="store_true",
+                   help="stop cleanly when a checkpoint cannot be written (default: report it and train on)")
+    p.add_argument("--max-bad-steps", type=_positive_int("--max-bad-steps"),
+                   help="stop after this many consecutive non-finite steps (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_train)
 
@@ -105,16 +115,18 @@ def cmd_train(args) -> int:
             raise UserError(str(e)) from None
         tcfg.profile_steps = args.profile_steps
     tcfg.telemetry_interval_s = args.telemetry_interval
+    tcfg.deterministic, tcfg.verify_data = args.deterministic, args.verify_data
+    tcfg.stop_on_checkpoint_error = args.stop_on_checkpoint_error
     for flag, field in (("micro_batch", "micro_batch"), ("final_batch", "final_batch"),
                         ("log_interval", "log_interval_s"), ("checkpoint_interval", "checkpoint_interval_s"),
-                        ("max_steps", "max_steps")):
+                        ("max_steps", "max_steps"), ("lr", "lr"), ("keep_checkpoints", "keep_checkpoints"),
+                        ("max_bad_steps", "max_bad_steps")):
         if getattr(args, flag) is not None:
             setattr(tcfg, field, getattr(args, flag))
     opts = RunOptions(train=tcfg, preset=name, data_dir=args.data, out_dir=args.out, resume=args.resume,
                       budget_given=args.hours is not None or args.minutes is not None,
-                      progress=not args.quiet, peak_tflops=args.peak_tflops)
-    summary = train(opts)
-    return 0 if summary else 1
+                      progress=not args.quiet, peak_tflops=args.peak_tflops, lr_given=args.lr is not None)
+    return train(opts)["exit_code"]
 
 
 def _add_tokenizer(sub) -> None:

@@ -70,6 +70,11 @@ class TrainConfig:
     profile_steps: str | None = None  # "A:B": torch.profiler over optimizer steps A..B-1
     telemetry_interval_s: float = 5.0  # NVML sampling period
     sync_debug: bool = False  # make any host sync inside the hot loop an error (CUDA only)
+    deterministic: bool = False  # bit-identical reruns on CPU: schedules follow step / max_steps
+    verify_data: bool = False  # checksum every shard at start (default: a sample of 2)
+    stop_on_checkpoint_error: bool = False  # default: report a failed checkpoint write and train on
+    max_bad_steps: int = 20  # consecutive non-finite steps (seen at a log interval) that stop the run
+    fault_nan_steps: tuple = ()  # fault injection for tests: make these steps' loss NaN
     max_steps: int | None = None  # stop after this many optimizer steps even if budget remains (tests, profiling)
 
 

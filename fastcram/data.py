@@ -309,6 +309,22 @@ class BlockDataset:
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.total_blocks = int(self.starts[-1])
 
+    def verify(self, sample: int | None = 2, seed: int | None = None) -> list[str]:
+        """Check shard checksums against the manifest: `sample` random shards, or all when None.
+
+        Sizes were already checked on open. Returns the files checked; a mismatch is a UserError naming it.
+        """
+        entries = self.manifest["shards"]
+        if sample is not None and sample < len(entries):
+            rng = np.random.default_rng(seed)
+            entries = [entries[i] for i in sorted(rng.choice(len(entries), sample, replace=False))]
+        for s in entries:
+            path = os.path.join(self.dir, s["file"])
+            if _sha256(path) != s["sha256"]:
+                raise UserError(f"shard {path} is corrupt (its checksum differs from {MANIFEST}); prepare the data "
+                                f"again or restore the file")
+        return [s["file"] for s in entries]
+
     def __len__(self) -> int:
         return self.total_blocks
 
