@@ -6,6 +6,7 @@ gradient norms stay on the device until a log record is written.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import DataConfig, ModelConfig, TrainConfig, from_dict, preset, to_dict
 from .data import BlockDataset, BlockLoader, DataPosition, atomic_write_json, builtin_data, mask_batch
+from .distributed import DistContext, agree, init_from_env, mean_across, rank_slice, shutdown
 from .env_info import environment
 from .errors import UserError
 from .metrics import RunLog, flops_per_token, mfu, peak_tflops
@@ -60,7 +62,7 @@ def _say(opts: RunOptions, msg: str) -> None:
 
 # ---------------------------------------------------------------- run folder
 
-def open_run(opts: RunOptions) -> tuple[str, bool]:
+def open_run(opts: RunOptions, check_existing: bool = True) -> tuple[str, bool]:
     """The run folder, and whether it is an existing run to resume."""
     if opts.resume:
         run_dir = opts.resume
@@ -69,7 +71,7 @@ def open_run(opts: RunOptions) -> tuple[str, bool]:
                             f"a `fastcram train` run wrote")
         return run_dir, True
     run_dir = opts.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{opts.preset}")
-    if os.path.isfile(os.path.join(run_dir, "config.json")):
+    if check_existing and os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UserError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another --out")
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -154,15 +156,21 @@ def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: str) -> to
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.eps, fused=True)
 
 
-def make_step(model: CrammedBert, tcfg: TrainConfig, device: str) -> Callable:
-    """forward + backward of one micro-batch, scaled by 1/accum; returns the (unscaled) loss on device."""
-    forward = torch.compile(model, fullgraph=True, dynamic=False) if tcfg.compile else model
+def make_step(model: torch.nn.Module, tcfg: TrainConfig, device: str) -> Callable:
+    """forward + backward of one micro-batch, scaled by 1/accum; returns the (unscaled) loss on device.
+
+    `model` may be DDP-wrapped: gradients are then all-reduced only when `sync` is true (the last micro-step
+    of an accumulation). Under DDP the graph is compiled without fullgraph: DDP's optimizer splits it at
+    gradient-bucket boundaries so communication overlaps the backward.
+    """
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    forward = torch.compile(model, fullgraph=not ddp, dynamic=False) if tcfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
-    def step(input_ids, positions, labels, accum: int) -> torch.Tensor:
-        with autocast:
+    def step(input_ids, positions, labels, accum: int, sync: bool = True) -> torch.Tensor:
+        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
             loss = forward(input_ids, positions, labels)
-        (loss / accum).backward()
+            (loss / accum).backward()
         return loss.detach()
 
     return step
@@ -222,6 +230,16 @@ def open_checkpoint(run_dir: str, say: Callable[[str], None]) -> dict:
     raise UserError(f"--resume {run_dir}: no readable checkpoint among {len(paths)}")
 
 
+class NullLog:
+    """The run log of ranks other than 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class NonFiniteGuard:
     """Skips optimizer steps whose loss or gradients are not finite, without a host sync.
 
@@ -230,14 +248,16 @@ class NonFiniteGuard:
     at log intervals; `limit` consecutive skips stop the run there with a clear message.
     """
 
-    def __init__(self, optimizer, device: str, limit: int):
-        self.optimizer, self.limit = optimizer, limit
+    def __init__(self, optimizer, device: str, limit: int, check_loss: bool = True):
+        self.optimizer, self.limit, self.check_loss = optimizer, limit, check_loss
         self.skipped = torch.zeros((), device=device)  # in this log interval
         self.in_a_row = torch.zeros((), device=device)
         self.total = 0
 
     def before_step(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        bad = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()  # 0-d, on device
+        # Under DDP only the (all-reduced, hence identical) gradient norm decides, so all ranks skip together.
+        ok = torch.isfinite(grad_norm) & torch.isfinite(step_loss) if self.check_loss else torch.isfinite(grad_norm)
+        bad = (~ok).float()  # 0-d, on device
         self.optimizer.found_inf = bad
         self.skipped += bad
         self.in_a_row = (self.in_a_row + bad) * bad  # reset to 0 by a good step
@@ -251,9 +271,19 @@ class NonFiniteGuard:
 
 
 def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
-    """Run (or resume) training until the budget is spent; returns the summary."""
-    say = (lambda m: _say(opts, m))
-    run_dir, resumed = open_run(opts)
+    """Run (or resume) training until the budget is spent; returns the summary (on every rank)."""
+    tcfg = opts.train
+    ctx = init_from_env("cuda" if resolve_device(tcfg.device).startswith("cuda") else "cpu")
+    try:
+        return _train(opts, ctx, now)
+    finally:
+        shutdown(ctx)
+
+
+def _train(opts: RunOptions, ctx: DistContext, now: Callable[[], float]) -> dict:
+    main = ctx.is_main
+    say = (lambda m: _say(opts, m)) if main else (lambda m: None)
+    run_dir, resumed = open_run(opts, check_existing=main)
     resume_state = open_checkpoint(run_dir, say) if resumed else None
     if resume_state is not None:
         opts = restore_options(opts, run_dir)
@@ -263,13 +293,19 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     if tcfg.deterministic and not tcfg.max_steps:
         raise UserError("--deterministic needs --max-steps: its schedules follow the step count, not the clock")
     device = resolve_device(tcfg.device)
+    if device == "cuda" and ctx.enabled:
+        device = f"cuda:{ctx.local_rank}"
     if tcfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS workspaces
         torch.use_deterministic_algorithms(True)
 
     # tokenizer + data (preparing the built-in corpus is one-time set-up, outside the budget)
     model_cfg = preset(opts.preset).model
-    data_dir = opts.data_dir or builtin_data(model_cfg.vocab_size, opts.data, progress=opts.progress)
+    if opts.data_dir is None and not main:
+        torch.distributed.barrier()  # rank 0 prepares the built-in corpus first
+    data_dir = opts.data_dir or builtin_data(model_cfg.vocab_size, opts.data, progress=opts.progress and main)
+    if opts.data_dir is None and main and ctx.enabled:
+        torch.distributed.barrier()
     data = BlockDataset(data_dir)
     data.verify(sample=None if tcfg.verify_data else 2)
     model_cfg.vocab_size, model_cfg.seq_len = data.vocab_size, data.seq_len
@@ -286,6 +322,9 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     if resume_state is not None:
         per_op = resume_state["ops"]  # the resumed run keeps its kernel choice and micro-batch
     elif tcfg.kernels == "auto" or tcfg.micro_batch_auto:
+        if ctx.enabled:
+            raise UserError("--kernels auto and --micro-batch auto run on one process; tune with one GPU, then "
+                            "pass the chosen values to the multi-GPU run")
         per_op, tuning = autotune(model_cfg, tcfg, opts, device, data)
         tcfg.micro_batch_auto = False  # the chosen size is what config.json records
     torch.manual_seed(tcfg.seed)
@@ -294,32 +333,43 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     mask_gen = torch.Generator(device=device)
     mask_gen.manual_seed(tcfg.seed + 1)
     state = LoopState() if resume_state is None else restore_state(resume_state, model, optimizer, mask_gen)
-    step_fn = make_step(model, tcfg, device)
-    loader = BlockLoader(data, tcfg.micro_batch, tcfg.seed, state.position, pin=device.startswith("cuda"))
+    if ctx.enabled:
+        model_ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None)
+    step_fn = make_step(model_ddp if ctx.enabled else model, tcfg, device)
+    global_micro = tcfg.micro_batch * ctx.world  # every rank loads the global micro-batch, keeps its rows
+    loader = BlockLoader(data, global_micro, tcfg.seed, state.position, pin=device.startswith("cuda"))
 
-    # run folder: config, log header, telemetry, profiler
+    # run folder: config, log header, telemetry, profiler (rank 0 writes; every rank samples its GPU)
     config = {"preset": opts.preset, "data_dir": os.path.abspath(data_dir), "model": to_dict(model_cfg),
-              "train": to_dict(tcfg), "data": to_dict(opts.data)}
-    if resume_state is None:
+              "train": to_dict(tcfg), "data": to_dict(opts.data), "world_size": ctx.world}
+    if resume_state is None and main:
         atomic_write_json(os.path.join(run_dir, "config.json"), config)
-    log = RunLog(os.path.join(run_dir, "log.jsonl"))
+    log = RunLog(os.path.join(run_dir, "log.jsonl")) if main else NullLog()
     env = environment(device)
+    if resume_state is not None and resume_state["config"].get("world_size", 1) != ctx.world:
+        say(f"fastcram: resuming a run saved with {resume_state['config'].get('world_size', 1)} process(es) on "
+            f"{ctx.world}: the data continues from the same block, in global micro-batches of {global_micro}")
     log.write({"event": "start" if resume_state is None else "resume", "config": config, **env,
                "ops": model.ops.choice, "budget_spent_s": round(spent, 3), "autotune": tuning or None,
-               "checkpoint": resume_state.get("_path") if resume_state else None})
+               "world_size": ctx.world, "checkpoint": resume_state.get("_path") if resume_state else None})
     fpt = flops_per_token(model_cfg, opts.data.mask_prob)
     peak = peak_tflops(env["device"] if device.startswith("cuda") else None, opts.peak_tflops)
+    peak = peak * ctx.world if peak else None  # MFU of the whole world
     say(f"fastcram: {opts.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on "
-        f"{env['device']}, kernels {tcfg.kernels}, compile {tcfg.compile}, micro-batch {tcfg.micro_batch}, budget "
+        f"{env['device']}" + (f" x {ctx.world} processes" if ctx.enabled else "") +
+        f", kernels {tcfg.kernels}, compile {tcfg.compile}, micro-batch {tcfg.micro_batch}, budget "
         f"{tcfg.budget_s / 60:.1f} min, run folder {run_dir}")
     profiler = None
-    if tcfg.profile_steps:
+    if tcfg.profile_steps and main:
         a, b = parse_window(tcfg.profile_steps)
         profiler = ProfileWindow(os.path.join(run_dir, "profile"), a, b, device)
-    telemetry = TelemetrySampler(os.path.join(run_dir, "telemetry.jsonl"), tcfg.telemetry_interval_s,
-                                 quiet=not opts.progress).start()
+    tel_name = "telemetry.jsonl" if not ctx.enabled else f"telemetry-rank{ctx.rank}.jsonl"
+    telemetry = TelemetrySampler(os.path.join(run_dir, tel_name), tcfg.telemetry_interval_s,
+                                 device_index=ctx.local_rank if device.startswith("cuda") else 0,
+                                 quiet=not (opts.progress and main)).start()
     writer = ckpt.AsyncCheckpointer(run_dir, tcfg.keep_checkpoints)
-    guard = NonFiniteGuard(optimizer, device, tcfg.max_bad_steps)
+    guard = NonFiniteGuard(optimizer, device, tcfg.max_bad_steps, check_loss=not ctx.enabled)
 
     def payload() -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
@@ -327,8 +377,9 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
                 "position": dataclasses.asdict(state.position), "elapsed_s": clock.elapsed(),
                 "config": config, "rng": ckpt.rng_state(mask_gen), "ops": model.ops.choice}
 
-    def progress() -> float:  # deterministic runs follow the step count, others the budget clock
-        return state.step / tcfg.max_steps if tcfg.deterministic else clock.progress()
+    def save(path: str) -> None:
+        if main:
+            writer.submit(path, payload(), state.step)
 
     def report_checkpoints() -> dict:
         """Log finished checkpoint writes; returns {path: error} of the failed ones."""
@@ -340,34 +391,80 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
                 say(f"fastcram: checkpoint {rec['path']} failed: {rec['error']}; the previous checkpoint is intact")
         return failed
 
-    # the hot loop: no host sync except at log intervals
-    tokens_per_seq = data.seq_len
+    def write_log() -> bool:
+        """One record for the interval just finished (a host sync); True when the run must stop."""
+        nonlocal first_loss
+        t = now()
+        skipped, in_a_row = guard.read()
+        loss = mean_across(ctx, loss_sum)
+        rec = _log_record(state, interval, loss, grad_norm, lr, accum, global_micro, clock, t, data.seq_len, fpt,
+                          peak, skipped)
+        first_loss = rec["loss"] if first_loss is None else first_loss
+        log.write(rec)
+        if main:
+            _progress_line(opts, rec)
+        loss_sum.zero_()
+        interval.update(steps=0, seqs=0, wait=0.0, t=t)
+        stop = False
+        if in_a_row >= tcfg.max_bad_steps:
+            say(f"fastcram: stopping: {in_a_row} optimizer steps in a row had a non-finite loss or gradient (the "
+                f"last finite state is in the newest checkpoint); resume with a lower learning rate, e.g. "
+                f"fastcram train --resume {run_dir} --lr {tcfg.lr / 2:g}")
+            stop = "non-finite"
+        if report_checkpoints() and tcfg.stop_on_checkpoint_error:
+            stop = "checkpoint-error"
+        return stop
+
+    def progress() -> float:  # deterministic runs follow the step count, others the budget clock
+        return state.step / tcfg.max_steps if tcfg.deterministic else clock.progress()
+
+    # the hot loop: no host sync except at log intervals. At the top of each step the ranks agree (host
+    # tensors only) on rank 0's progress and whether to log, stop or save.
     loss_sum = torch.zeros((), device=device)
+    grad_norm = torch.zeros((), device=device)
     interval = {"steps": 0, "seqs": 0, "wait": 0.0, "t": now()}
     last_ckpt = now()
     first_loss, profile_result, stopped_by = None, None, None
+    lr, accum = tcfg.lr, 1
     sync_debug = tcfg.sync_debug and device.startswith("cuda")
     model.train()
     with StopRequest() as stop:
         try:
-            while not clock.done() and (tcfg.max_steps is None or state.step < tcfg.max_steps):
+            while True:
+                t = now()
+                budget_done = clock.done() or (tcfg.max_steps is not None and state.step >= tcfg.max_steps)
+                log_due = interval["steps"] > 0 and (t - interval["t"] >= tcfg.log_interval_s or budget_done
+                                                     or tcfg.deterministic or stop.signal is not None)
+                save_due = t - last_ckpt >= tcfg.checkpoint_interval_s
+                p, flags = agree(ctx, progress(), [budget_done, log_due, save_due, stop.signal is not None])
+                budget_done, log_due, save_due, signalled = flags
+                if log_due:
+                    stopped_by = write_log() or stopped_by
+                if signalled:
+                    stopped_by = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"
+                if stopped_by or budget_done:
+                    break
+                if save_due:
+                    save(ckpt.step_path(run_dir, state.step))
+                    last_ckpt = now()
+
                 if profiler:
                     profiler.before_step(state.step)
                 if sync_debug:
                     torch.cuda.set_sync_debug_mode("error")  # any host sync until the next log is a bug
-                p = progress()
-                accum = accumulation_steps(p, tcfg.micro_batch, tcfg.final_batch, tcfg.batch_ramp_until)
+                accum = accumulation_steps(p, global_micro, tcfg.final_batch, tcfg.batch_ramp_until)
                 lr = tcfg.lr * lr_multiplier(p)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_loss = torch.zeros((), device=device)
                 step_wait = 0.0
-                for _ in range(accum):
+                for i in range(accum):
                     ids, wait = loader.next()
                     step_wait += wait
                     ids = ids.to(device, non_blocking=True)
                     b = mask_batch(ids, opts.data, data.special, data.vocab_size, mask_gen)
-                    step_loss += step_fn(b.input_ids, b.positions, b.labels, accum) / accum
+                    b = rank_slice(b, ctx, tcfg.micro_batch, data.seq_len, opts.data.masked_per_seq)
+                    step_loss += step_fn(b.input_ids, b.positions, b.labels, accum, sync=i == accum - 1) / accum
                 if state.step in tcfg.fault_nan_steps:  # fault injection for the reliability tests
                     step_loss = step_loss * float("nan")
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip, foreach=True)
@@ -377,46 +474,20 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
                 loss_sum += torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)
                 state.step += 1
                 state.micro_steps += accum
-                state.sequences += accum * tcfg.micro_batch
+                state.sequences += accum * global_micro
                 state.position = loader.position
                 interval["steps"] += 1
-                interval["seqs"] += accum * tcfg.micro_batch
+                interval["seqs"] += accum * global_micro
                 interval["wait"] += step_wait
                 if sync_debug:
                     torch.cuda.set_sync_debug_mode("default")
                 if profiler:
                     profiler.after_step(state.step, step_wait)
                     if profiler.result:
-                        profile_result = {**profiler.result, "tokens_per_step": accum * tcfg.micro_batch *
-                                          tokens_per_seq, "flops_per_token": fpt, "peak_tflops": peak}
+                        profile_result = {**profiler.result, "tokens_per_step": accum * global_micro *
+                                          data.seq_len, "flops_per_token": fpt, "peak_tflops": peak}
                         say("\n" + format_breakdown(profiler.result, profile_result["tokens_per_step"], fpt, peak))
                         profiler = None
-
-                t = now()
-                last_step = clock.done() or state.step == tcfg.max_steps
-                if t - interval["t"] >= tcfg.log_interval_s or last_step or tcfg.deterministic:
-                    skipped, in_a_row = guard.read()
-                    rec = _log_record(state, interval, loss_sum, grad_norm, lr, accum, tcfg, clock, t,
-                                      tokens_per_seq, fpt, peak, skipped)
-                    first_loss = rec["loss"] if first_loss is None else first_loss
-                    log.write(rec)
-                    _progress_line(opts, rec)
-                    loss_sum.zero_()
-                    interval.update(steps=0, seqs=0, wait=0.0, t=t)
-                    if in_a_row >= tcfg.max_bad_steps:
-                        stopped_by = "non-finite"
-                        say(f"fastcram: stopping: {in_a_row} optimizer steps in a row had a non-finite loss or "
-                            f"gradient (the last finite state is in the newest checkpoint); resume with a lower "
-                            f"learning rate, e.g. fastcram train --resume {run_dir} --lr {tcfg.lr / 2:g}")
-                    if report_checkpoints() and tcfg.stop_on_checkpoint_error:
-                        stopped_by = "checkpoint-error"
-                if stop.signal is not None:
-                    stopped_by = signal.Signals(stop.signal).name
-                if stopped_by:
-                    break
-                if t - last_ckpt >= tcfg.checkpoint_interval_s:
-                    writer.submit(ckpt.step_path(run_dir, state.step), payload(), state.step)
-                    last_ckpt = now()
         finally:
             if sync_debug:
                 torch.cuda.set_sync_debug_mode("default")
@@ -424,9 +495,10 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
             telemetry.stop()
             writer.wait()
 
+    tokens = state.sequences * data.seq_len
     if stopped_by in ("SIGTERM", "SIGINT"):
         path = ckpt.step_path(run_dir, state.step)
-        writer.submit(path, payload(), state.step)
+        save(path)
         writer.wait()
         failed = report_checkpoints().get(path)
         log.write({"event": "stopped", "signal": stopped_by, "step": state.step, "checkpoint": path,
@@ -443,35 +515,36 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
         return {"stopped_by": stopped_by, "run_dir": run_dir, "step": state.step, "exit_code": 1}
 
     final_path = os.path.join(run_dir, ckpt.CKPT_DIR, ckpt.FINAL)
-    writer.submit(final_path, payload(), state.step)
+    save(final_path)
     writer.wait()
     if final_path in report_checkpoints():
         raise UserError(f"could not write the final checkpoint {final_path}; free disk space and run "
                         f"fastcram train --resume {run_dir} (the newest periodic checkpoint is intact)")
     summary = {"run_dir": run_dir, "steps": state.step, "micro_steps": state.micro_steps,
-               "sequences": state.sequences, "tokens": state.sequences * tokens_per_seq,
+               "sequences": state.sequences, "tokens": tokens, "world_size": ctx.world,
                "budget_s": tcfg.budget_s, "budget_spent_s": round(clock.elapsed(), 3),
-               "first_logged_loss": first_loss, "final_loss": _last_loss(run_dir), "skipped_steps": guard.total,
-               "final_checkpoint": final_path, "device": env["device"], "ops": model.ops.choice,
-               "telemetry": telemetry.summary(state.sequences * tokens_per_seq), "profile": profile_result,
+               "first_logged_loss": first_loss, "final_loss": _last_loss(run_dir) if main else None,
+               "skipped_steps": guard.total, "final_checkpoint": final_path, "device": env["device"],
+               "ops": model.ops.choice, "telemetry": telemetry.summary(tokens), "profile": profile_result,
                "exit_code": 0}
-    atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+    if main:
+        atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
     log.write({"event": "end", **summary})
     log.close()
-    say(f"\ndone: {state.step} steps, {summary['tokens'] / 1e6:.1f}M tokens, loss {first_loss} -> "
+    say(f"\ndone: {state.step} steps, {tokens / 1e6:.1f}M tokens, loss {first_loss} -> "
         f"{summary['final_loss']}; checkpoint {final_path}")
     return summary
 
 
-def _log_record(state, interval, loss_sum, grad_norm, lr, accum, tcfg, clock, t, tokens_per_seq, fpt, peak,
-                skipped):
+def _log_record(state, interval, loss_sum, grad_norm, lr, accum, global_micro, clock, t, tokens_per_seq, fpt,
+                peak, skipped):
     """One log record; the only place the loop reads device values (a host sync, once per interval)."""
     dt = max(t - interval["t"], 1e-9)
     tok_s = interval["seqs"] * tokens_per_seq / dt
     u = mfu(tok_s, fpt, peak)
     good = interval["steps"] - skipped
     return {"step": state.step, "loss": round(loss_sum.item() / good, 6) if good else None,
-            "grad_norm": round(float(grad_norm), 4), "lr": lr, "batch_size": accum * tcfg.micro_batch,
+            "grad_norm": round(float(grad_norm), 4), "lr": lr, "batch_size": accum * global_micro,
             "tokens_per_s": round(tok_s, 1), "mfu": None if u is None else round(u, 4),
             "skipped_steps": skipped, "data_wait_s": round(interval["wait"], 4),
             "budget_spent_s": round(clock.elapsed(), 3), "progress": round(clock.progress(), 5),

@@ -28,8 +28,10 @@ def test_budget_stop_under_fake_clock(small_data, tmp_path):
     summary = train(_opts(small_data, tmp_path / "run", budget_s=40.0), now=clock)
     assert summary["budget_spent_s"] >= 40.0
     recs = [r for r in _log(summary["run_dir"]) if "loss" in r]
-    # the loop checks the clock once per optimizer step: it overshoots by at most one step's reads
-    assert recs[-1]["budget_spent_s"] - 40.0 <= 4.0
+    # the loop checks the clock once per optimizer step: it overshoots by about one step's duration (this
+    # clock also ticks on the reads that write the record itself)
+    one_step = recs[-1]["budget_spent_s"] - recs[-2]["budget_spent_s"]  # log_interval 0: a record per step
+    assert 0 <= recs[-1]["budget_spent_s"] - 40.0 < 2 * one_step
     assert summary["steps"] == recs[-1]["step"] > 3
     assert os.path.isfile(summary["final_checkpoint"])
     assert recs[0]["lr"] < recs[len(recs) * 3 // 4]["lr"]  # lr ramps up with budget progress
