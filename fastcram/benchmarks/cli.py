@@ -1,0 +1,177 @@
+"""Flags of `fastcram bench ...`: kernels (microbenchmarks), step (end-to-end), plot (PNGs from the CSVs).
+
+This file only turns flags into settings; the work is in kernels.py, step.py and plot.py. torch is imported
+inside the handlers so that `--help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+from ..errors import UserError
+
+RESULTS_DIR = os.path.join("bench", "results")
+OPS = ("layer_norm", "add_layer_norm", "linear_gelu", "linear_geglu", "mlm_loss")
+
+
+def _positive_int(flag: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
+        return v
+    return parse
+
+
+def _compile_flags(p) -> None:
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="include torch.compile (default on a GPU; slow to build on the CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="leave torch.compile out")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="kernel microbenchmarks, the training-step benchmark, plots",
+                       description="Benchmarks. Results go to CSV files (default under bench/results/).")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+
+    k = bsub.add_parser("kernels", help="time every fused op's providers side by side against the device's "
+                                        "measured copy and matmul ceilings")
+    k.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to run (default all): {', '.join(OPS)}")
+    k.add_argument("--quick", action="store_true", help="fewer, smaller shapes (seconds on a CPU)")
+    k.add_argument("--skip-providers", nargs="+", metavar="P", default=[],
+                   help="providers to leave out, e.g. torch.compile-max-autotune (slow to build)")
+    k.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/kernels-<device>-<time>.csv)")
+    k.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    k.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="default bf16 on a GPU, fp32 on the CPU")
+    _compile_flags(k)
+    k.add_argument("--cpu-call-limit", type=float, default=0.5, metavar="S",
+                   help="with --quick on the CPU, skip cases whose roofline estimate is over S seconds a call "
+                        "(default 0.5)")
+    k.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
+    k.set_defaults(func=cmd_kernels)
+
+    s = bsub.add_parser("step", help="training-step tokens/s and MFU: triton vs torch kernels vs HF BERT")
+    s.add_argument("--preset", help="model preset (default crammed-bert on a GPU, tiny on the CPU)")
+    s.add_argument("--repeats", type=_positive_int("--repeats"), default=3, help="timed repeats (default 3)")
+    s.add_argument("--micro-batch", type=_positive_int("--micro-batch"), help="sequences per step "
+                                                                              "(default: the preset's)")
+    s.add_argument("--steps", type=_positive_int("--steps"), help="timed steps per repeat (default 20 on a GPU, "
+                                                                  "3 on the CPU)")
+    s.add_argument("--warmup", type=_positive_int("--warmup"), help="untimed steps first, where compile happens "
+                                                                    "(default 3 on a GPU, 1 on the CPU)")
+    s.add_argument("--backends", nargs="+", metavar="B", default=["triton", "torch", "hf"],
+                   help="variants: triton, torch, hf (default all three)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _compile_flags(s)
+    s.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU when fastcram's table lacks the GPU")
+    s.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/step-<device>-<time>.csv)")
+    s.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
+    s.set_defaults(func=cmd_step)
+
+    pl = bsub.add_parser("plot", help="one PNG per op from benchmark CSVs (needs matplotlib)")
+    pl.add_argument("csv", nargs="*", metavar="CSV", help="CSV files (default: bench/results/*.csv)")
+    pl.add_argument("--out", metavar="DIR", default=os.path.join(RESULTS_DIR, "plots"),
+                    help="folder for the PNGs (default bench/results/plots)")
+    pl.set_defaults(func=cmd_plot)
+
+
+def _split(values: list[str]) -> list[str]:
+    """Accept both `--ops a b` and `--ops a,b`."""
+    return [v for item in values for v in item.split(",") if v]
+
+
+def _default_csv(kind: str, device_name: str) -> str:
+    from .plot import slug
+
+    return os.path.join(RESULTS_DIR, f"{kind}-{slug(device_name)}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+
+
+def _device(name: str) -> str:
+    from ..train import resolve_device
+
+    return resolve_device(name)
+
+
+def cmd_kernels(args) -> int:
+    ops = _split(args.ops) if args.ops else list(OPS)
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise UserError(f"--ops {' '.join(unknown)}: unknown op; choose from {', '.join(OPS)}")
+    device = _device(args.device)
+
+    from ..env_info import device_name
+    from . import kernels
+    from .table import print_table
+
+    gpu = device.startswith("cuda")
+    dtype = kernels.DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    settings = kernels.Settings(device=device, dtype=dtype, quick=args.quick,
+                                compile=gpu if args.compile is None else args.compile, ops=tuple(ops),
+                                cpu_call_limit_s=args.cpu_call_limit,
+                                skip_providers=tuple(_split(args.skip_providers)))
+    path = args.csv or _default_csv("kernels", device_name(device))
+    rows, ceil = kernels.run(settings, path)
+    title = (f"fastcram bench kernels on {rows[0].env.get('device', device) if rows else device}: ceilings copy "
+             f"{ceil.copy_gbps:.1f} GB/s, matmul {ceil.matmul_dtype} {ceil.matmul_tflops:.2f} TFLOP/s")
+    print_table(kernels.TABLE_HEADERS, kernels.table_cells(rows), title, plain=args.plain)
+    print(f"wrote {path}", file=sys.stderr)
+    bad = kernels.failures(rows)
+    if bad:
+        print(f"fastcram: {len(bad)} provider run(s) failed; see the status column", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_step(args) -> int:
+    device = _device(args.device)
+    backends = _split(args.backends)
+
+    from ..config import PRESETS, TrainConfig, preset
+    from ..env_info import device_name
+    from . import step
+    from .table import print_table
+
+    unknown = [b for b in backends if b not in step.VARIANTS]
+    if unknown:
+        raise UserError(f"--backends {' '.join(unknown)}: unknown; choose from {', '.join(step.VARIANTS)}")
+    gpu = device.startswith("cuda")
+    name = args.preset or ("crammed-bert" if gpu else "tiny")
+    if name not in PRESETS:
+        raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
+    micro = args.micro_batch or preset(name).train_overrides.get("micro_batch", TrainConfig().micro_batch)
+    settings = step.StepSettings(
+        preset=name, device=device, micro_batch=micro, steps=args.steps or (20 if gpu else 3),
+        warmup=args.warmup or (3 if gpu else 1), repeats=args.repeats,
+        compile=gpu if args.compile is None else args.compile, backends=tuple(backends),
+        peak_tflops=args.peak_tflops)
+    if settings.repeats < 3:
+        print("fastcram: fewer than 3 repeats: the spread is not meaningful", file=sys.stderr)
+    path = args.csv or _default_csv("step", device_name(device))
+    rows = step.run(settings, path)
+    title = (f"fastcram bench step: {name}, micro-batch {micro}, {settings.repeats} x {settings.steps} steps "
+             f"on {rows[0].env.get('device', device) if rows else device} ({step.DATA_NOTE})")
+    print_table(step.TABLE_HEADERS, step.table_cells(rows), title, plain=args.plain)
+    print(f"wrote {path}", file=sys.stderr)
+    bad = [r for r in rows if r.status.startswith("error")]
+    if bad:
+        print(f"fastcram: {len(bad)} variant(s) failed; see the status column", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot
+
+    paths = args.csv or sorted(glob.glob(os.path.join(RESULTS_DIR, "*.csv")))
+    if not paths:
+        raise UserError(f"no CSV given and none in {RESULTS_DIR}/; run `fastcram bench kernels` first or pass "
+                        f"CSV files")
+    for path in plot(paths, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

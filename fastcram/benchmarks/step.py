@@ -1,0 +1,349 @@
+"""End-to-end training-step throughput behind `fastcram bench step`.
+
+One timed step is what the training loop does for one micro-batch: mask a block of tokens on the device
+(fastcram.data.mask_batch), forward + backward (fastcram.train.make_step, compiled), clip the gradient
+norm, AdamW step, zero the gradients. The data is synthetic (uniform random token ids): throughput does not
+depend on which tokens they are. Warm-up steps (where torch.compile builds the graph) are not timed; the
+host synchronises with the device only around each timed repeat. Variants:
+  fastcram triton   the fused Triton kernels (--kernels triton)
+  fastcram torch    the reference ops, fused by inductor (--kernels torch)
+  hf bert           Hugging Face BertForMaskedLM of the same width and depth (SDPA attention, bf16 autocast,
+                    compiled): the classic FFN, a prediction-head transform and logits for every token, as
+                    that library trains it; its MFU counts its own FLOPs.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+import torch
+
+from ..config import DataConfig, ModelConfig, TrainConfig, preset
+from ..env_info import environment
+from ..errors import UserError
+from ..metrics import flops_per_token, mfu, peak_tflops
+from .case import Unavailable
+
+VARIANTS = {"triton": "fastcram triton", "torch": "fastcram torch", "hf": "hf bert"}
+N_SPECIAL = 7  # ids 0..6 are the special tokens (<pad> <s> </s> <unk> <cls> <sep> <mask>)
+DATA_NOTE = "synthetic data: uniform random token blocks masked by fastcram.data.mask_batch"
+
+CSV_COLUMNS = ["variant", "status", "kernels", "compiled", "preset", "micro_batch", "seq_len", "steps",
+               "repeats", "tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_min", "tokens_per_s_max",
+               "step_ms_mean", "mfu_mean", "speedup_vs_torch", "flops_per_token", "peak_tflops",
+               "peak_mem_mib", "params_m", "final_loss", "data", "device", "torch", "triton", "cuda",
+               "git_sha", "date"]
+
+
+@dataclass
+class StepSettings:
+    preset: str
+    device: str
+    micro_batch: int
+    steps: int  # timed steps per repeat
+    warmup: int  # untimed steps first (torch.compile builds here)
+    repeats: int
+    compile: bool
+    backends: tuple[str, ...] = ("triton", "torch", "hf")
+    peak_tflops: float | None = None  # override for GPUs missing from fastcram.metrics' table
+
+
+@dataclass
+class StepRow:
+    variant: str
+    status: str
+    kernels: str = ""
+    compiled: bool = False
+    preset: str = ""
+    micro_batch: int = 0
+    seq_len: int = 0
+    steps: int = 0
+    repeats: int = 0
+    tokens_per_s_mean: float | None = None
+    tokens_per_s_std: float | None = None
+    tokens_per_s_min: float | None = None
+    tokens_per_s_max: float | None = None
+    step_ms_mean: float | None = None
+    mfu_mean: float | None = None
+    speedup_vs_torch: float | None = None
+    flops_per_token: float | None = None
+    peak_tflops: float | None = None
+    peak_mem_mib: float | None = None
+    params_m: float | None = None
+    final_loss: float | None = None
+    data: str = DATA_NOTE
+    env: dict = field(default_factory=dict)
+
+    def csv_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "env"}
+        d.update({k: self.env.get(k, "") for k in ("device", "torch", "triton", "cuda", "git_sha", "date")})
+        return {k: "" if d[k] is None else (f"{d[k]:.6g}" if isinstance(d[k], float) else str(d[k]))
+                for k in CSV_COLUMNS}
+
+
+@dataclass
+class Variant:
+    """A built training step: one call = one micro-batch step; params and FLOPs for the row."""
+    step: Callable[[], torch.Tensor]
+    params: int
+    flops_per_token: float
+
+
+# ---------------------------------------------------------------- synthetic data
+
+def _special():
+    from ..tokenizer import SpecialIds
+
+    return SpecialIds(*range(N_SPECIAL))
+
+
+def batch_source(model_cfg: ModelConfig, micro_batch: int, device: str, n_blocks: int = 4, seed: int = 0):
+    """A function returning the next masked batch; token blocks rotate, masks are drawn fresh each time."""
+    from ..data import mask_batch
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    blocks = [torch.randint(N_SPECIAL, model_cfg.vocab_size, (micro_batch, model_cfg.seq_len), generator=gen,
+                            device=device) for _ in range(n_blocks)]  # each [B, L]
+    dcfg = DataConfig(seq_len=model_cfg.seq_len)
+    special = _special()
+    state = {"i": 0}
+
+    def next_batch():
+        ids = blocks[state["i"] % n_blocks]
+        state["i"] += 1
+        return mask_batch(ids, dcfg, special, model_cfg.vocab_size, gen)
+
+    return next_batch
+
+
+# ---------------------------------------------------------------- the variants
+
+def build_fastcram(model_cfg: ModelConfig, kernels: str, s: StepSettings) -> Variant:
+    from ..train import build_model, make_optimizer, make_step
+
+    tcfg = TrainConfig(kernels=kernels, compile=s.compile, device=s.device, micro_batch=s.micro_batch)
+    try:
+        model = build_model(model_cfg, tcfg, s.device)
+    except UserError as e:  # e.g. triton kernels without a GPU: the reason goes into the row
+        raise Unavailable(str(e)) from None
+    optimizer = make_optimizer(model, tcfg, s.device)
+    step_fn = make_step(model, tcfg, s.device)
+    next_batch = batch_source(model_cfg, s.micro_batch, s.device)
+    model.train()
+
+    def one_step() -> torch.Tensor:
+        b = next_batch()
+        loss = step_fn(b.input_ids, b.positions, b.labels, 1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    params = sum(p.numel() for p in model.parameters())
+    return Variant(one_step, params, flops_per_token(model_cfg, DataConfig().mask_prob))
+
+
+def hf_model_config(model_cfg: ModelConfig):
+    """BertConfig of the same width, depth, heads, vocabulary and sequence length (classic GELU FFN)."""
+    try:
+        from transformers import BertConfig
+    except ImportError:
+        raise Unavailable("transformers is not installed (pip install transformers)") from None
+    return BertConfig(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden,
+                      num_hidden_layers=model_cfg.layers, num_attention_heads=model_cfg.heads,
+                      intermediate_size=model_cfg.intermediate, hidden_act="gelu", hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, max_position_embeddings=model_cfg.seq_len,
+                      type_vocab_size=1, layer_norm_eps=model_cfg.norm_eps)
+
+
+def hf_flops_per_token(model_cfg: ModelConfig) -> float:
+    """HF's own work: classic FFN, decoder on every token, plus the head's d x d transform."""
+    dense = dataclasses.replace(model_cfg, ffn="gelu")
+    return flops_per_token(dense, mask_prob=1.0) + 6 * model_cfg.hidden ** 2
+
+
+def _hf_model(config):
+    from transformers import BertForMaskedLM
+
+    try:
+        return BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+    except (TypeError, ValueError, ImportError):  # older releases: set the attribute directly
+        config._attn_implementation = "sdpa"
+        return BertForMaskedLM(config)
+
+
+def build_hf(model_cfg: ModelConfig, s: StepSettings) -> Variant:
+    config = hf_model_config(model_cfg)
+    model = _hf_model(config).to(s.device)
+    model.train()
+    cuda = s.device.startswith("cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-12, weight_decay=0.01,
+                                  fused=cuda)
+    forward = torch.compile(model) if s.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    next_batch = batch_source(model_cfg, s.micro_batch, s.device)
+
+    def one_step() -> torch.Tensor:
+        b = next_batch()
+        B, L = b.input_ids.shape
+        # HF wants labels per position: -100 (ignored) except at the predicted ones
+        labels = torch.full((B * L,), -100, dtype=torch.long, device=b.input_ids.device)  # [B * L]
+        labels = labels.scatter(0, b.positions, b.labels).view(B, L)  # [B, L]
+        with autocast:
+            loss = forward(input_ids=b.input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    params = sum(p.numel() for p in model.parameters())
+    return Variant(one_step, params, hf_flops_per_token(model_cfg))
+
+
+def build_variant(backend: str, model_cfg: ModelConfig, s: StepSettings) -> Variant:
+    if backend == "hf":
+        return build_hf(model_cfg, s)
+    return build_fastcram(model_cfg, backend, s)
+
+
+# ---------------------------------------------------------------- timing
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_variant(v: Variant, s: StepSettings, tokens_per_step: int) -> tuple[list[float], float]:
+    """tokens/s of each repeat, and the last loss (read once, after the timed region)."""
+    loss = None
+    for _ in range(s.warmup):
+        loss = v.step()
+    _sync(s.device)
+    rates = []
+    for _ in range(s.repeats):
+        t0 = time.perf_counter()
+        for _ in range(s.steps):
+            loss = v.step()
+        _sync(s.device)
+        rates.append(tokens_per_step * s.steps / (time.perf_counter() - t0))
+    return rates, float(loss)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def measure_variant(backend: str, model_cfg: ModelConfig, s: StepSettings, env: dict, peak: float | None,
+                    log: TextIO) -> StepRow:
+    row = StepRow(VARIANTS[backend], "ok", kernels=backend if backend != "hf" else "-", compiled=s.compile,
+                  preset=s.preset, micro_batch=s.micro_batch, seq_len=model_cfg.seq_len, steps=s.steps,
+                  repeats=s.repeats, peak_tflops=peak, env=env)
+    cuda = s.device.startswith("cuda")
+    v = None
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(s.device)
+        v = build_variant(backend, model_cfg, s)
+        row.params_m, row.flops_per_token = v.params / 1e6, v.flops_per_token
+        print(f"{row.variant}: {v.params / 1e6:.1f}M params, {s.warmup} warm-up step(s)"
+              f"{' (compiling)' if s.compile else ''} ...", file=log, flush=True)
+        rates, row.final_loss = time_variant(v, s, s.micro_batch * model_cfg.seq_len)
+    except Unavailable as e:
+        row.status = f"unavailable: {e}"
+        return row
+    except Exception as e:  # one broken variant must not hide the others
+        row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return row
+    finally:
+        if cuda and row.status == "ok":
+            row.peak_mem_mib = torch.cuda.max_memory_allocated(s.device) / 2**20
+        del v
+        _release(s.device)
+    return _fill(row, rates, model_cfg, s, peak)
+
+
+def _fill(row: StepRow, rates: list[float], model_cfg: ModelConfig, s: StepSettings, peak: float | None) -> StepRow:
+    row.tokens_per_s_mean, row.tokens_per_s_std = _stats(rates)
+    row.tokens_per_s_min, row.tokens_per_s_max = min(rates), max(rates)
+    row.step_ms_mean = 1e3 * s.micro_batch * model_cfg.seq_len / row.tokens_per_s_mean
+    row.mfu_mean = mfu(row.tokens_per_s_mean, row.flops_per_token, peak)  # None on the CPU: "n/a"
+    if not math.isfinite(row.final_loss):  # a fast step that computes garbage is not a result
+        row.status = f"error: the loss is {row.final_loss} after {s.warmup + s.repeats * s.steps} steps"
+    return row
+
+
+def _release(device: str) -> None:
+    torch._dynamo.reset()  # the next variant compiles its own graph, within the recompile limits
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def run(s: StepSettings, csv_path: str, log: TextIO = sys.stderr) -> list[StepRow]:
+    """Every requested variant, one after another; rows are written to the CSV as each one finishes."""
+    model_cfg = preset(s.preset).model
+    env = {**environment(s.device), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    peak = peak_tflops(env["device"] if s.device.startswith("cuda") else None, s.peak_tflops)
+    print(f"step benchmark: {s.preset} on {env['device']}, micro-batch {s.micro_batch} x {model_cfg.seq_len} "
+          f"tokens, {s.repeats} repeats of {s.steps} steps; {DATA_NOTE}", file=log, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    rows: list[StepRow] = []
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for backend in s.backends:
+            row = measure_variant(backend, model_cfg, s, env, peak, log)
+            rows.append(row)
+            _speedups(rows)
+            w.writerow(row.csv_dict())
+            f.flush()
+            print(f"{row.variant}: {_summary(row)}", file=log, flush=True)
+    return rows
+
+
+def _speedups(rows: list[StepRow]) -> None:
+    base = next((r.tokens_per_s_mean for r in rows if r.variant == VARIANTS["torch"] and r.tokens_per_s_mean),
+                None)
+    for r in rows:
+        if base and r.tokens_per_s_mean:
+            r.speedup_vs_torch = r.tokens_per_s_mean / base
+
+
+def _summary(r: StepRow) -> str:
+    if r.tokens_per_s_mean is None:
+        return r.status
+    return f"{r.tokens_per_s_mean:,.0f} tok/s (std {r.tokens_per_s_std:,.0f}), MFU {_pct(r.mfu_mean)}"
+
+
+def _pct(u: float | None) -> str:
+    return "n/a" if u is None else f"{100 * u:.1f}%"
+
+
+TABLE_HEADERS = ["variant", "compiled", "tokens/s mean", "std", "min-max", "step ms", "MFU", "vs torch",
+                 "peak MiB", "params M", "loss", "status"]
+
+
+def table_cells(rows: list[StepRow]) -> list[list[str]]:
+    cells = []
+    for r in rows:
+        ok = r.tokens_per_s_mean is not None
+        cells.append([
+            r.variant, "yes" if r.compiled else "no",
+            f"{r.tokens_per_s_mean:,.0f}" if ok else "", f"{r.tokens_per_s_std:,.0f}" if ok else "",
+            f"{r.tokens_per_s_min:,.0f}-{r.tokens_per_s_max:,.0f}" if ok else "",
+            f"{r.step_ms_mean:.2f}" if ok else "", _pct(r.mfu_mean) if ok else "",
+            f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "",
+            f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib else "", f"{r.params_m:.1f}" if r.params_m else "",
+            f"{r.final_loss:.3f}" if r.final_loss is not None else "", r.status])
+    return cells
