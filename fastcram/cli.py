@@ -64,6 +64,8 @@ def _add_train(sub) -> None:
                    help="sequences per optimizer step at the end of the batch ramp (recipe: 8192)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run with the budget it has already spent")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--gpus", type=_positive_int("--gpus"), default=1,
+                   help="data-parallel over this many local GPUs (starts torchrun for you)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-interval", type=_positive_float("--log-interval"), help="seconds between log records")
     p.add_argument("--checkpoint-interval", type=_positive_float("--checkpoint-interval"),
@@ -90,11 +92,39 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _launch_torchrun(n: int) -> int:
+    """Re-run this command under torchrun with n processes (one per GPU)."""
+    import os
+    import subprocess
+
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < n:
+        raise UserError(f"--gpus {n}: only {have} CUDA GPU(s) visible; use --gpus {max(have, 1)}")
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # this command's own flags, minus --gpus
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "fastcram", *argv]
+    print("fastcram: starting " + " ".join(cmd[2:]), file=sys.stderr)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
 def cmd_train(args) -> int:
+    import os
+
     import torch
 
     from .train import RunOptions, train
 
+    if args.gpus > 1 and "RANK" not in os.environ:
+        return _launch_torchrun(args.gpus)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     name = args.preset or ("crammed-bert" if gpu else "tiny")
     if not args.preset and not args.resume:
@@ -154,26 +184,49 @@ def cmd_tokenizer_train(args) -> int:
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
-    d = dsub.add_parser("prepare", help="tokenise, filter and pack a corpus into shards")
-    d.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help=".txt, .txt.xz, .txt.gz, .jsonl files or folders of them")
+    d = dsub.add_parser("prepare", help="tokenise, filter and pack a corpus into shards (in parallel; a rerun "
+                                         "of an interrupted prepare resumes it)")
+    d.add_argument("--input", nargs="+", required=True, metavar="INPUT",
+                   help="files or folders (.txt, .jsonl, optionally .gz/.xz/.zst; .parquet) or Hugging Face datasets "
+                        "streamed by id: hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikimedia/wikipedia:20231101.en")
+    d.add_argument("--weights", nargs="+", type=_positive_float("--weights"), metavar="W",
+                   help="one per --input: its share of the text; the mix ends when the first input runs out "
+                        "(default: all of every input)")
     d.add_argument("--out", required=True, metavar="DIR")
     d.add_argument("--tokenizer", metavar="FILE", help="an existing tokenizer.json (default: train one)")
     d.add_argument("--vocab-size", type=_positive_int("--vocab-size"), default=32768)
+    d.add_argument("--tokenizer-sample-docs", type=_positive_int("--tokenizer-sample-docs"), metavar="N",
+                   help="train the tokenizer on the first N documents only (default: all; use this for big corpora)")
     d.add_argument("--compression-threshold", type=_positive_float("--compression-threshold"), default=0.25,
                    help="drop documents with tokens/characters >= this")
     d.add_argument("--seq-len", type=_positive_int("--seq-len"), default=128)
+    d.add_argument("--shard-blocks", type=_positive_int("--shard-blocks"), default=DataConfig().shard_blocks,
+                   help="blocks per shard file")
+    d.add_argument("--max-documents", type=_positive_int("--max-documents"), metavar="N",
+                   help="read at most N documents (counted before the filter)")
+    d.add_argument("--max-tokens", type=_positive_int("--max-tokens"), metavar="N",
+                   help="stop once N tokens are kept")
+    d.add_argument("--order", choices=["shuffle", "curriculum", "stream"], default="shuffle",
+                   help="block order: shuffle (seeded, default), curriculum (blocks with the most '.' tokens first, "
+                        "ties shuffled), stream (as read)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
+    d.add_argument("--text-field", default="text", help="JSONL key / Parquet or dataset column with the text")
+    d.add_argument("--workers", type=_positive_int("--workers"), help="tokenising processes (default: all cores)")
+    d.add_argument("--quiet", action="store_true", help="no progress lines")
     d.set_defaults(func=cmd_data_prepare)
 
 
 def cmd_data_prepare(args) -> int:
-    from .data import prepare
+    from .prepare import PrepareOptions, prepare  # not .data: the prepare and its workers need no torch
 
     if not 16 <= args.vocab_size <= 65535:
         raise UserError(f"--vocab-size {args.vocab_size}: must be between 16 and 65535")
     cfg = DataConfig(vocab_size=args.vocab_size, compression_threshold=args.compression_threshold,
-                     seq_len=args.seq_len)
-    prepare(args.input, args.out, cfg, tokenizer_path=args.tokenizer)
+                     seq_len=args.seq_len, shard_blocks=args.shard_blocks)
+    opts = PrepareOptions(weights=args.weights, workers=args.workers, max_documents=args.max_documents,
+                          max_tokens=args.max_tokens, tokenizer_sample_docs=args.tokenizer_sample_docs,
+                          order=args.order, seed=args.seed, text_field=args.text_field)
+    prepare(args.input, args.out, cfg, tokenizer_path=args.tokenizer, progress=not args.quiet, options=opts)
     return 0
 
 

@@ -1,279 +1,39 @@
 """Corpus -> filtered documents -> token shards (uint16 memmap + manifest) -> packed blocks -> MLM batches.
 
 Shards hold whole 128-token blocks: documents are tokenised, joined with <sep> and cut into blocks, with no
-padding. The manifest is written last and atomically, so a folder without one is recognisably unfinished.
+padding. Reading inputs lives in sources.py, the parallel restartable prepare in prepare.py (both re-exported
+here); this module reads prepared shards (memory-mapped), orders them for training and masks batches.
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
-import lzma
 import os
 import queue
-import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from .config import DataConfig
 from .errors import UserError
-from .tokenizer import (SpecialIds, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer,
-                        save_tokenizer)
-
-TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz", ".jsonl", ".jsonl.gz")
-MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------- reading text
-
-def find_text_files(paths: Iterable[str]) -> list[str]:
-    """Expand files and folders (recursively, sorted) into the text files fastcram reads."""
-    files = []
-    for p in paths:
-        if not os.path.exists(p):
-            raise UserError(f"input path {p} does not exist; pass an existing file or folder with --input")
-        if os.path.isdir(p):
-            found = sorted(os.path.join(root, f) for root, _, names in os.walk(p) for f in names
-                           if f.endswith(TEXT_SUFFIXES))
-            if not found:
-                raise UserError(f"folder {p} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
-            files += found
-        elif p.endswith(TEXT_SUFFIXES):
-            files.append(p)
-        else:
-            raise UserError(f"{p} is not a supported text file; use one of {', '.join(TEXT_SUFFIXES)}")
-    return files
-
-
-def _open_text(path: str):
-    opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", errors="strict")
-
-
-def _plain_documents(lines: Iterable[str], doc_chars: int) -> Iterator[str]:
-    """Blank-line paragraphs grouped into documents of about doc_chars characters."""
-    doc: list[str] = []
-    size = 0
-    for line in lines:
-        line = line.strip()
-        at_paragraph_end = not line
-        if line:
-            doc.append(line)
-            size += len(line) + 1
-        # Flush at a paragraph boundary once big enough; texts without blank lines flush at 2x.
-        if size >= doc_chars and (at_paragraph_end or size >= 2 * doc_chars):
-            yield " ".join(doc)
-            doc, size = [], 0
-    if doc:
-        yield " ".join(doc)
-
-
-def _jsonl_documents(lines: Iterable[str], path: str) -> Iterator[str]:
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{n}: not a JSON object with a \"text\" field; fix or remove that line") from None
-        if not isinstance(text, str):
-            raise UserError(f"{path}:{n}: field \"text\" is not a string")
-        if text.strip():
-            yield text
-
-
-def iter_documents(files: list[str], doc_chars: int) -> Iterator[str]:
-    """All documents of all files, streamed. A file that is not UTF-8 stops the run, named."""
-    for path in files:
-        try:
-            with _open_text(path) as f:
-                if ".jsonl" in os.path.basename(path):
-                    yield from _jsonl_documents(f, path)
-                else:
-                    yield from _plain_documents(f, doc_chars)
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
-                            f"or leave it out") from None
-        except (OSError, EOFError, lzma.LZMAError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
-
-
-# ---------------------------------------------------------------- writing shards
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class FilterStats:
-    kept_docs: int = 0
-    dropped_docs: int = 0
-    kept_tokens: int = 0
-    dropped_tokens: int = 0
-    chars: int = 0
-
-
-class ShardWriter:
-    """Accumulates token ids and writes full shards of whole blocks, each atomically."""
-
-    def __init__(self, out_dir: str, seq_len: int, shard_blocks: int):
-        self.out_dir, self.seq_len, self.shard_blocks = out_dir, seq_len, shard_blocks
-        self.buf = np.empty(shard_blocks * seq_len, dtype=np.uint16)
-        self.fill = 0
-        self.shards: list[dict] = []
-
-    def add(self, ids: list[int]) -> None:
-        arr = np.asarray(ids, dtype=np.uint16)
-        while len(arr):
-            take = min(len(arr), len(self.buf) - self.fill)
-            self.buf[self.fill:self.fill + take] = arr[:take]
-            self.fill += take
-            arr = arr[take:]
-            if self.fill == len(self.buf):
-                self._write(self.fill)
-
-    def _write(self, n_tokens: int) -> None:
-        blocks = n_tokens // self.seq_len
-        if blocks == 0:
-            return
-        name = f"shard-{len(self.shards):05d}.bin"
-        path = os.path.join(self.out_dir, name)
-        _atomic_write_bytes(path, self.buf[:blocks * self.seq_len].tobytes())
-        self.shards.append({"file": name, "blocks": blocks, "bytes": blocks * self.seq_len * 2,
-                            "sha256": _sha256(path)})
-        self.fill = 0
-
-    def close(self) -> None:
-        self._write(self.fill)  # the tail that does not fill a block is dropped (no padding)
-
-    def remove_written(self) -> None:
-        for s in self.shards:
-            try:
-                os.remove(os.path.join(self.out_dir, s["file"]))
-            except OSError:
-                pass
-
-
-def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: str | None = None,
-            progress: bool = True) -> dict:
-    """Prepare a corpus into out_dir (tokenizer.json, shard-*.bin, manifest.json); returns the manifest."""
-    files = find_text_files(inputs)
-    if os.path.exists(os.path.join(out_dir, MANIFEST)):
-        raise UserError(f"{out_dir} already holds a prepared corpus ({MANIFEST}); choose another --out "
-                        f"or delete it first")
-    os.makedirs(out_dir, exist_ok=True)
-    tok_out = os.path.join(out_dir, TOKENIZER_FILE)
-    if tokenizer_path:
-        try:
-            tok = load_tokenizer(tokenizer_path)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"--tokenizer: {e}") from None
-        if os.path.abspath(tokenizer_path) != os.path.abspath(tok_out):
-            save_tokenizer(tok, tok_out)
-    else:
-        _say(progress, f"training a WordPiece tokenizer (vocab {cfg.vocab_size}) on {len(files)} file(s)")
-        tok = train_tokenizer(iter_documents(files, cfg.doc_chars), cfg.vocab_size)
-        if tok.get_vocab_size() < 8:
-            raise UserError(f"the input ({', '.join(inputs)}) holds no text to train a tokenizer on")
-        save_tokenizer(tok, tok_out)
-    ids = special_ids(tok, source=tok_out)
-    if tok.get_vocab_size() > 65536:
-        raise UserError(f"tokenizer vocabulary {tok.get_vocab_size()} does not fit uint16 shards (max 65536)")
-
-    writer = ShardWriter(out_dir, cfg.seq_len, cfg.shard_blocks)
-    stats = FilterStats()
-    t0, last = time.time(), 0.0
-    try:
-        for batch in _batched(iter_documents(files, cfg.doc_chars), 512):
-            for text, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False)):
-                n_tok, n_chr = len(enc.ids), max(len(text), 1)
-                stats.chars += n_chr
-                if n_tok == 0 or n_tok / n_chr >= cfg.compression_threshold:  # compresses badly: noise
-                    stats.dropped_docs += 1
-                    stats.dropped_tokens += n_tok
-                    continue
-                stats.kept_docs += 1
-                stats.kept_tokens += n_tok
-                writer.add(enc.ids + [ids.sep])
-            if progress and time.time() - last > 2:
-                last = time.time()
-                mb = stats.chars / 1e6
-                _say(True, f"  {stats.kept_docs + stats.dropped_docs} docs, {stats.kept_tokens / 1e6:.1f}M tokens, "
-                           f"{mb / max(last - t0, 1e-9):.1f} MB/s", end="\r")
-        writer.close()
-        total = sum(s["blocks"] for s in writer.shards)
-        if total == 0:
-            raise UserError(f"the input ({', '.join(inputs)}) yields no complete {cfg.seq_len}-token block after "
-                            f"the compression filter (kept {stats.kept_docs} of "
-                            f"{stats.kept_docs + stats.dropped_docs} documents); give more text or raise "
-                            f"--compression-threshold")
-    except BaseException:
-        writer.remove_written()  # nothing half-written that looks valid
-        raise
-    manifest = {
-        "format": FORMAT_VERSION,
-        "seq_len": cfg.seq_len,
-        "vocab_size": tok.get_vocab_size(),
-        "tokenizer": TOKENIZER_FILE,
-        "tokenizer_hash": tokenizer_hash(tok),
-        "special_ids": ids.__dict__,
-        "total_blocks": total,
-        "shards": writer.shards,
-        "filter": {"threshold": cfg.compression_threshold, **stats.__dict__},
-        "sources": [{"path": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
-    _say(progress, f"prepared {total} blocks of {cfg.seq_len} tokens in {len(writer.shards)} shard(s) "
-                   f"({stats.kept_docs} docs kept, {stats.dropped_docs} dropped by the filter) "
-                   f"in {time.time() - t0:.0f}s -> {out_dir}")
-    return manifest
-
-
-def _say(on: bool, msg: str, end: str = "\n") -> None:
-    if on:
-        print(msg, end=end, file=sys.stderr, flush=True)
-
+from .prepare import (FORMAT_VERSION, MANIFEST, ORDERS, TOKENIZER_FILE, PrepareOptions, _say, _sha256,  # noqa: F401
+                      atomic_write_json, default_workers, prepare)
+from .sources import TEXT_SUFFIXES, find_text_files, iter_documents  # noqa: F401
+from .tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_hash
 
 # ---------------------------------------------------------------- reading shards
 
 class BlockDataset:
-    """The prepared blocks of a data folder, memory-mapped: [total_blocks, seq_len] uint16."""
+    """The prepared blocks of a data folder, memory-mapped: [total_blocks, seq_len] uint16.
+
+    Shards are mapped on first use and at most MAX_OPEN stay mapped (each map holds a file descriptor), so a
+    folder may hold any number of shards of any size.
+    """
+
+    MAX_OPEN = 64
 
     def __init__(self, data_dir: str):
         path = os.path.join(data_dir, MANIFEST)
@@ -285,9 +45,12 @@ class BlockDataset:
                 self.manifest = json.load(f)
             self.seq_len = int(self.manifest["seq_len"])
             shards = self.manifest["shards"]
+            self.shard_files = [os.path.join(data_dir, s["file"]) for s in shards]
+            self.shard_blocks = np.array([int(s["blocks"]) for s in shards], dtype=np.int64)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path} is not a valid fastcram manifest ({e}); prepare the data again") from None
         self.dir = data_dir
+        self.order = self.manifest.get("order", "stream")  # folders made before orders existed: as read
         self.tokenizer_path = os.path.join(data_dir, self.manifest.get("tokenizer", TOKENIZER_FILE))
         try:
             tok = load_tokenizer(self.tokenizer_path)
@@ -299,15 +62,14 @@ class BlockDataset:
         self.tokenizer = tok
         self.special = special_ids(tok, source=self.tokenizer_path)
         self.vocab_size = tok.get_vocab_size()
-        self.shards = []
-        for s in shards:
-            f = os.path.join(data_dir, s["file"])
+        for f, s in zip(self.shard_files, shards):
             if not os.path.isfile(f) or os.path.getsize(f) != s["bytes"]:
                 raise UserError(f"shard {f} is missing or has the wrong size (manifest says {s['bytes']} bytes); "
                                 f"prepare the data again")
-            self.shards.append(np.memmap(f, dtype=np.uint16, mode="r", shape=(s["blocks"], self.seq_len)))
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.starts = np.concatenate([[0], np.cumsum(self.shard_blocks)]).astype(np.int64)
         self.total_blocks = int(self.starts[-1])
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        self._lock = threading.Lock()
 
     def verify(self, sample: int | None = 2, seed: int | None = None) -> list[str]:
         """Check shard checksums against the manifest: `sample` random shards, or all when None.
@@ -328,35 +90,107 @@ class BlockDataset:
     def __len__(self) -> int:
         return self.total_blocks
 
+    def shard(self, i: int) -> np.memmap:
+        """Shard i mapped read-only: [blocks, seq_len] uint16."""
+        with self._lock:
+            m = self._maps.get(i)
+            if m is None:
+                m = np.memmap(self.shard_files[i], dtype=np.uint16, mode="r",
+                              shape=(int(self.shard_blocks[i]), self.seq_len))
+                self._maps[i] = m
+                if len(self._maps) > self.MAX_OPEN:
+                    self._maps.popitem(last=False)
+            else:
+                self._maps.move_to_end(i)
+            return m
+
     def gather(self, indices: np.ndarray) -> np.ndarray:
         """Blocks at the given global indices: [len(indices), seq_len] uint16."""
+        indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), self.seq_len), dtype=np.uint16)
         shard_of = np.searchsorted(self.starts, indices, side="right") - 1
-        for j, (s, i) in enumerate(zip(shard_of, indices)):
-            out[j] = self.shards[s][i - self.starts[s]]
+        for s in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == s)
+            out[rows] = self.shard(int(s))[indices[rows] - self.starts[s]]
         return out
+
+
+CHUNK_BLOCKS = 1 << 16  # first shuffle level: runs of consecutive blocks (16 MiB of tokens at seq 128)
+WINDOW_CHUNKS = 16  # second level: the blocks of this many chunks are permuted together (8 MiB of indices)
+
+
+class EpochOrder:
+    """The block order of one epoch, built one window at a time: memory O(window) for any amount of data.
+
+    Shuffled: blocks are cut into chunks of `chunk_blocks` consecutive indices; the chunks are permuted; then
+    the blocks of each window of `window_chunks` chunks are permuted. Data of up to chunk_blocks *
+    window_chunks blocks is thus one full permutation. Every draw depends only on (seed, epoch, window), so
+    any position is reached again without replaying the epoch. Unshuffled: 0, 1, 2, ...
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool = True, chunk_blocks: int | None = None,
+                 window_chunks: int | None = None):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        self.chunk_blocks = chunk_blocks = chunk_blocks or CHUNK_BLOCKS
+        window_chunks = window_chunks or WINDOW_CHUNKS
+        n_chunks = -(-n // chunk_blocks)
+        self.chunks = np.random.default_rng([seed, epoch]).permutation(n_chunks) if shuffle else None
+        if shuffle:
+            self.windows = [self.chunks[i:i + window_chunks] for i in range(0, n_chunks, window_chunks)]
+            sizes = [sum(self._chunk_size(c) for c in w) for w in self.windows]
+            self.window_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _chunk_size(self, c: int) -> int:
+        return min(self.chunk_blocks, self.n - c * self.chunk_blocks)
+
+    def _window(self, w: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != w:
+            blocks = np.concatenate([np.arange(c * self.chunk_blocks, c * self.chunk_blocks + self._chunk_size(c))
+                                     for c in self.windows[w]])
+            self._cached = (w, np.random.default_rng([self.seed, self.epoch, w]).permutation(blocks))
+        return self._cached[1]
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        """Positions [start, start + count) of this epoch's order: global block indices, int64."""
+        if not 0 <= start <= start + count <= self.n:
+            raise IndexError(f"positions {start}..{start + count} outside an epoch of {self.n} blocks")
+        if not self.shuffle:
+            return np.arange(start, start + count, dtype=np.int64)
+        parts = []
+        while count > 0:
+            w = int(np.searchsorted(self.window_starts, start, side="right")) - 1
+            offset = start - self.window_starts[w]
+            part = self._window(w)[offset:offset + count]
+            parts.append(part)
+            start += len(part)
+            count -= len(part)
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
 @dataclass
 class DataPosition:
-    """Where the loader stands: the epoch and the index of the next block in that epoch's permutation."""
+    """Where the loader stands: the epoch and the index of the next block in that epoch's order."""
     epoch: int = 0
     cursor: int = 0
 
 
 class BlockLoader:
-    """Deterministic shuffled micro-batches of blocks, prefetched on a thread into (pinned) host memory.
+    """Deterministic micro-batches of blocks, prefetched on a thread into (pinned) host memory.
 
-    The order is a function of (seed, epoch) only, so a position restores exactly. A batch that would run
-    past the end of an epoch starts the next epoch instead (each epoch drops its < micro_batch tail).
+    The order is EpochOrder(seed, epoch): shuffled in two levels, or as stored when the data was sorted by a
+    curriculum (shuffle=None follows the data's order: a curriculum is read in order, anything else
+    shuffled). A position restores exactly. A batch that would run past the end of an epoch starts the next
+    epoch instead (each epoch drops its < micro_batch tail).
     """
 
     def __init__(self, data: BlockDataset, micro_batch: int, seed: int, position: DataPosition | None = None,
-                 pin: bool = False, prefetch: int = 4):
+                 pin: bool = False, prefetch: int = 4, shuffle: bool | None = None):
         if micro_batch > len(data):
             raise UserError(f"--micro-batch {micro_batch} exceeds the {len(data)} blocks of {data.dir}; "
                             f"use a smaller micro-batch or more data")
         self.data, self.micro_batch, self.seed, self.pin = data, micro_batch, seed, pin
+        self.shuffle = data.order != "curriculum" if shuffle is None else shuffle
         self.position = position or DataPosition()  # of the next batch handed to the caller
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -364,17 +198,17 @@ class BlockLoader:
                                         daemon=True)
         self._thread.start()
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+    def _order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(len(self.data), self.seed, epoch, self.shuffle)
 
     def _produce(self, pos: DataPosition) -> None:
-        order = self._order(pos.epoch)
         try:
+            order = self._order(pos.epoch)
             while not self._stop.is_set():
-                if pos.cursor + self.micro_batch > len(order):
+                if pos.cursor + self.micro_batch > len(self.data):
                     pos = DataPosition(pos.epoch + 1, 0)
                     order = self._order(pos.epoch)
-                idx = order[pos.cursor:pos.cursor + self.micro_batch]
+                idx = order.take(pos.cursor, self.micro_batch)
                 batch = torch.from_numpy(self.data.gather(idx).astype(np.int64))  # [B, L]
                 if self.pin:
                     batch = batch.pin_memory()

@@ -1,0 +1,793 @@
+"""`fastcram data prepare`: documents -> token shards, in parallel, restartable, in bounded memory.
+
+Three phases, each resumable from its last complete shard:
+1. stream: the mixed document stream is cut into chunks of about `chunk_chars` characters. Worker processes
+   tokenise a chunk with the tokenizer's batch encoder, apply the compression filter and join the kept
+   documents with <sep>. The main process takes the results in chunk order (so 1 and N workers write the same
+   bytes) and cuts the joined stream into shards of whole blocks as they fill.
+2. scatter (order shuffle or curriculum): every block of a stream shard goes to a bucket file chosen by its
+   key (curriculum: seq_len - number of "." tokens; shuffle: one key) and a seeded random sub-bucket; each
+   key gets ceil(blocks / shard_blocks) sub-buckets, so a bucket holds about one shard. The stream shard is
+   then deleted.
+3. gather: the buckets in key order, each permuted in memory by a seeded draw, are cut into the final shards.
+   Random sub-bucket + in-bucket permutation is a uniform shuffle (within a key), never holding more than
+   one bucket.
+
+A journal (prepare-state.json, written atomically after every shard) records what is complete; a rerun
+with the same inputs and settings skips it (re-reading, not re-tokenising, the documents before the
+resume point) and writes byte-identical output. manifest.json is written last, atomically, and the journal
+removed: a folder without a manifest is recognisably unfinished. Memory: the main process holds one shard
+buffer, at most workers + 2 chunks in flight and, while ordering, one shard and one bucket; a worker holds
+one chunk. A single document is held whole (it is split at whitespace only for the encoder).
+
+This module does not import torch, so `data prepare` and its worker processes start light.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import chain, islice
+from typing import Iterator
+
+import numpy as np
+
+from .config import DataConfig
+from .errors import UserError
+from .sources import Input, ReadError, mix_documents, mix_fraction
+from .tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+JOURNAL = "prepare-state.json"
+FORMAT_VERSION = 1
+ORDERS = ("shuffle", "curriculum", "stream")
+PIECE_CHARS = 100_000  # longer documents are split at whitespace for the encoder (same tokens, bounded memory)
+ENCODE_BATCH_CHARS = 1 << 19  # characters per encoder call inside a chunk
+_PARALLELISM = "TOKENIZERS_PARALLELISM"
+
+
+@dataclass
+class PrepareOptions:
+    weights: list[float] | None = None  # per input: its share of the characters; the mix ends with the first exhausted
+    workers: int | None = None  # tokenising processes (None: all cores)
+    max_documents: int | None = None  # read at most this many documents (counted before the filter)
+    max_tokens: int | None = None  # stop once the joined token stream holds this many tokens
+    tokenizer_sample_docs: int | None = None  # train the tokenizer on the first N documents (None: all)
+    order: str = "shuffle"  # "shuffle" (seeded), "curriculum" (most "." tokens first, ties shuffled), "stream"
+    seed: int = 0  # for the shuffle
+    text_field: str = "text"  # JSONL key / Parquet or dataset column holding the text
+    chunk_chars: int = 1 << 20  # characters per tokenisation task; fixes the resume points, so it is fingerprinted
+
+    def check(self, n_inputs: int) -> None:
+        if self.order not in ORDERS:
+            raise UserError(f"--order {self.order!r}: choose one of {', '.join(ORDERS)}")
+        if self.weights is not None:
+            if len(self.weights) != n_inputs:
+                raise UserError(f"--weights gives {len(self.weights)} weight(s) for {n_inputs} input(s); give "
+                                f"one per --input, in the same order")
+            if not all(w > 0 and math.isfinite(w) for w in self.weights):
+                raise UserError(f"--weights {' '.join(map(str, self.weights))}: every weight must be positive")
+        for name in ("workers", "max_documents", "max_tokens", "tokenizer_sample_docs", "chunk_chars"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+@dataclass
+class Stats:
+    kept_docs: int = 0
+    dropped_docs: int = 0
+    kept_tokens: int = 0
+    dropped_tokens: int = 0
+    chars: int = 0
+    bytes: int = 0  # UTF-8 bytes of the documents tokenised
+
+    def add(self, other: "Stats") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- files
+
+def _atomic_write_bytes(path: str, data) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _data_files(out_dir: str) -> list[str]:
+    """Everything a prepare writes besides the tokenizer: shards, stream shards, buckets, temp files."""
+    return [f for f in os.listdir(out_dir) if f.startswith(("shard-", "stream-", "bucket-")) or ".tmp" in f
+            or f == JOURNAL]
+
+
+# ---------------------------------------------------------------- tokenising a chunk
+
+class ChunkEncoder:
+    """Tokenises a list of documents, drops the ones that compress badly and joins the rest with <sep>."""
+
+    def __init__(self, tok, sep: int, threshold: float):
+        self.encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch  # _fast skips offsets
+        self.sep, self.threshold = sep, threshold
+
+    def __call__(self, docs: list[str]):
+        """-> (uint16 ids of the kept documents, each followed by <sep>; tokens per document incl. <sep>,
+        0 when dropped; Stats)."""
+        per_doc: list[list[int]] = [[] for _ in docs]
+        for texts, owners in _encoder_batches(docs):
+            for owner, enc in zip(owners, self.encode(texts, add_special_tokens=False)):
+                per_doc[owner].extend(enc.ids)
+        flat: list[int] = []
+        lens = np.zeros(len(docs), dtype=np.int64)
+        st = Stats()
+        for i, (doc, ids) in enumerate(zip(docs, per_doc)):
+            n, chars = len(ids), max(len(doc), 1)
+            st.chars += len(doc)
+            st.bytes += len(doc.encode("utf-8"))
+            if n == 0 or n / chars >= self.threshold:  # compresses badly: mostly noise
+                st.dropped_docs += 1
+                st.dropped_tokens += n
+                continue
+            st.kept_docs += 1
+            st.kept_tokens += n
+            flat.extend(ids)
+            flat.append(self.sep)
+            lens[i] = n + 1
+        return np.array(flat, dtype=np.uint16), lens, st
+
+
+def _pieces(doc: str) -> Iterator[str]:
+    """A long document cut at whitespace into pieces of about PIECE_CHARS characters. The pre-tokenizer splits
+    at whitespace anyway, so the pieces encode to exactly the document's tokens."""
+    start = 0
+    while len(doc) - start > PIECE_CHARS:
+        cut = doc.find(" ", start + PIECE_CHARS)  # whitespace is usually a space; other kinds: hard cut later
+        if cut < 0 or cut - start > 4 * PIECE_CHARS:
+            cut = _whitespace_cut(doc, start + PIECE_CHARS, start + 4 * PIECE_CHARS)
+        if cut < 0:
+            break  # no whitespace at all in a long stretch: keep it whole (it is one word to the encoder)
+        yield doc[start:cut]
+        start = cut
+    yield doc[start:]
+
+
+def _whitespace_cut(doc: str, lo: int, hi: int) -> int:
+    for i in range(lo, min(hi, len(doc))):
+        if doc[i].isspace():
+            return i
+    return -1
+
+
+def _encoder_batches(docs: list[str]) -> Iterator[tuple[list[str], list[int]]]:
+    texts: list[str] = []
+    owners: list[int] = []
+    size = 0
+    for i, doc in enumerate(docs):
+        for piece in (_pieces(doc) if len(doc) > PIECE_CHARS else (doc,)):
+            texts.append(piece)
+            owners.append(i)
+            size += len(piece)
+            if size >= ENCODE_BATCH_CHARS:
+                yield texts, owners
+                texts, owners, size = [], [], 0
+    if texts:
+        yield texts, owners
+
+
+_worker_encoder: ChunkEncoder | None = None
+
+
+def _init_worker(tok_json: str, sep: int, threshold: float) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the parent stops the pool
+    os.environ[_PARALLELISM] = "false"  # one core per worker: the processes are the parallelism
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    from tokenizers import Tokenizer
+
+    global _worker_encoder
+    _worker_encoder = ChunkEncoder(Tokenizer.from_str(tok_json), sep, threshold)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A pool worker waits on a queue whose write end it holds itself, so it would outlive a killed parent."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _encode_in_worker(docs: list[str]):
+    return _worker_encoder(docs)
+
+
+@contextlib.contextmanager
+def _serial_tokenizers():
+    """The encoder on one thread, so that 1 worker means one core (tokenizers reads this variable per call)."""
+    old = os.environ.get(_PARALLELISM)
+    os.environ[_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_PARALLELISM, None)
+        else:
+            os.environ[_PARALLELISM] = old
+
+
+@dataclass
+class Chunk:
+    index: int
+    first_doc: int  # index in the document stream of texts[0]
+    texts: list[str] | None
+    sources: np.ndarray  # [n_docs] input index of each document
+    chars: np.ndarray  # [n_docs] characters of each document
+
+
+def make_chunks(docs: Iterator[tuple[int, str]], chunk_chars: int, max_documents: int | None,
+                start: int = 0) -> Iterator[Chunk]:
+    """Consecutive documents grouped into chunks of >= chunk_chars characters (the last one smaller). Chunks
+    before `start` are formed (so numbering never changes) but not yielded."""
+    if max_documents is not None:
+        docs = islice(docs, max_documents)
+    index, first, texts, srcs, lens = 0, 0, [], [], []
+    size = 0
+    for n, (src, text) in enumerate(docs):
+        if index >= start:
+            texts.append(text)
+        srcs.append(src)
+        lens.append(len(text))
+        size += len(text)
+        if size >= chunk_chars:
+            if index >= start:
+                yield Chunk(index, first, texts, np.array(srcs, dtype=np.int64), np.array(lens, dtype=np.int64))
+            index, first, texts, srcs, lens, size = index + 1, n + 1, [], [], [], 0
+    if srcs and index >= start:
+        yield Chunk(index, first, texts, np.array(srcs, dtype=np.int64), np.array(lens, dtype=np.int64))
+
+
+def tokenised(chunks: Iterator[Chunk], tok, sep: int, threshold: float, workers: int):
+    """(chunk, encoder result) in chunk order. Workers run in separate processes (spawned: the parent may hold
+    threads); at most workers + 2 chunks are in flight. One worker, or one chunk in all, runs in-process."""
+    head = list(islice(chunks, 2))
+    if workers <= 1 or len(head) < 2:
+        encoder = ChunkEncoder(tok, sep, threshold)
+        with _serial_tokenizers():
+            for ch in chain(head, chunks):
+                yield ch, encoder(ch.texts)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(tok.to_str(), sep, threshold))
+    pending: deque = deque()
+    try:
+        for ch in chain(head, chunks):
+            pending.append((ch, pool.submit(_encode_in_worker, ch.texts)))
+            ch.texts = None  # the pool holds them until done
+            if len(pending) >= workers + 2:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        while pending:
+            done, fut = pending.popleft()
+            yield done, fut.result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- writing shards
+
+def _shard_entry(out_dir: str, name: str, blocks: int, seq_len: int) -> dict:
+    return {"file": name, "blocks": blocks, "bytes": blocks * seq_len * 2, "sha256": _sha256(os.path.join(out_dir, name))}
+
+
+class StreamWriter:
+    """Cuts the joined token stream into shards of whole blocks, each written atomically as it fills."""
+
+    def __init__(self, out_dir: str, prefix: str, seq_len: int, shard_blocks: int, dot: int | None, index: int):
+        self.out_dir, self.prefix, self.seq_len, self.dot = out_dir, prefix, seq_len, dot
+        self.buf = np.empty(shard_blocks * seq_len, dtype=np.uint16)
+        self.fill = 0
+        self.index = index  # number of the next shard
+
+    def add(self, ids: np.ndarray) -> Iterator[tuple[int, dict]]:
+        """Append ids; yields (tokens of ids consumed, shard entry) for every shard completed."""
+        used = 0
+        while used < len(ids):
+            take = min(len(ids) - used, len(self.buf) - self.fill)
+            self.buf[self.fill:self.fill + take] = ids[used:used + take]
+            self.fill += take
+            used += take
+            if self.fill == len(self.buf):
+                yield used, self._write()
+
+    def close(self) -> dict | None:
+        """The last, shorter shard; the tail that does not fill a block is dropped (no padding)."""
+        return self._write() if self.fill >= self.seq_len else None
+
+    def _write(self) -> dict:
+        blocks = self.fill // self.seq_len
+        data = self.buf[:blocks * self.seq_len]
+        name = f"{self.prefix}-{self.index:05d}.bin"
+        _atomic_write_bytes(os.path.join(self.out_dir, name), data.tobytes())
+        entry = _shard_entry(self.out_dir, name, blocks, self.seq_len)
+        if self.dot is not None:  # the curriculum's key histogram, so scattering needs no counting pass
+            dots = (data.reshape(blocks, self.seq_len) == self.dot).sum(axis=1)
+            entry["dots"] = np.bincount(dots, minlength=self.seq_len + 1)
+        self.index += 1
+        self.fill = 0
+        return entry
+
+
+# ---------------------------------------------------------------- the journal
+
+def _after_journal(journal: dict) -> None:
+    """Called after every journal write; tests replace it to interrupt a prepare at a known point."""
+
+
+class Journal:
+    def __init__(self, out_dir: str, state: dict):
+        self.path = os.path.join(out_dir, JOURNAL)
+        self.state = state
+
+    @staticmethod
+    def load(out_dir: str) -> dict | None:
+        path = os.path.join(out_dir, JOURNAL)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is unreadable ({e}); delete {out_dir} and prepare again") from None
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.state)
+        _after_journal(self.state)
+
+
+def _fresh_state(fingerprint: dict, tok_hash: str) -> dict:
+    return {"version": FORMAT_VERSION, "fingerprint": fingerprint, "tokenizer_hash": tok_hash, "phase": "stream",
+            "stream": {"shards": [], "done": False,
+                       "resume": {"chunk": 0, "skip_tokens": 0, "tokens_before": 0, "stats": asdict(Stats()),
+                                  "inputs": None}},
+            "scatter": None, "gather": None}
+
+
+# ---------------------------------------------------------------- progress
+
+class ProgressLine:
+    """Documents, tokens, MB/s of text and, where the size is known, percent done and ETA; on stderr."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.tty = on and sys.stderr.isatty()
+        self.interval = 0.5 if self.tty else 30.0
+        self.t0 = self.last = time.monotonic()
+        self.b0 = None
+        self.f0 = None
+        self.shown = False
+
+    def update(self, docs: int, tokens: int, text_bytes: int, fraction: float | None, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.b0 is None:  # rates count from the first chunk of this run (a resume skips text first)
+            self.t0, self.b0, self.f0 = now, text_bytes, fraction
+        if not self.on or (not force and now - self.last < self.interval):
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        msg = f"  {docs:,} docs, {tokens / 1e6:,.1f}M tokens, {(text_bytes - self.b0) / 1e6 / dt:.1f} MB/s"
+        if fraction is not None:
+            msg += f", {100 * fraction:.1f}%"
+            gained = fraction - (self.f0 or 0.0)
+            if gained > 0 and fraction < 1:
+                msg += f", ETA {_duration(dt * (1 - fraction) / gained)}"
+        print(("\r" + msg.ljust(78)) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr,
+              flush=True)
+        self.shown = True
+
+    def end(self) -> None:
+        if self.tty and self.shown:
+            print(file=sys.stderr, flush=True)
+        self.shown = False
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _say(on: bool, msg: str) -> None:
+    if on:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the phases
+
+@dataclass
+class _Run:
+    out_dir: str
+    cfg: DataConfig
+    opts: PrepareOptions
+    inputs: list[Input]
+    journal: Journal
+    tok: object
+    sep: int
+    dot: int | None
+    progress: bool
+    workers: int = 1
+
+
+def _stream_phase(run: _Run) -> None:
+    st = run.journal.state["stream"]
+    res = st["resume"]
+    cfg, opts = run.cfg, run.opts
+    stats = Stats(**res["stats"])
+    # per input: documents read, documents kept, tokens kept (incl. <sep>), characters read
+    per_input = np.array(res["inputs"] or [[0, 0, 0, 0]] * len(run.inputs), dtype=np.int64)
+    prefix = "shard" if opts.order == "stream" else "stream"
+    writer = StreamWriter(run.out_dir, prefix, cfg.seq_len, cfg.shard_blocks, run.dot if opts.order == "curriculum"
+                          else None, len(st["shards"]))
+    if res["chunk"] > 0:
+        _say(run.progress, f"resuming after {len(st['shards'])} complete shard(s): re-reading the documents "
+                           f"before chunk {res['chunk']} without tokenising them")
+    bar = ProgressLine(run.progress)
+    pos = res["tokens_before"]  # stream position of the current chunk's first token
+    docs = mix_documents(run.inputs, opts.weights)
+    chunks = make_chunks(docs, opts.chunk_chars, opts.max_documents, start=res["chunk"])
+    results = tokenised(chunks, run.tok, run.sep, cfg.compression_threshold, run.workers)
+    with contextlib.closing(results):  # stops the pool at once when a limit ends the stream early
+        for chunk, (ids, lens, cst) in results:
+            before = {"chunk": chunk.index, "tokens_before": pos, "stats": asdict(stats),
+                      "inputs": per_input.tolist()}
+            stats.add(cst)
+            _count_inputs(per_input, chunk, lens)
+            skip = res["skip_tokens"] if chunk.index == res["chunk"] else 0
+            end = len(ids) if opts.max_tokens is None else min(len(ids), opts.max_tokens - pos)
+            for used, entry in writer.add(ids[skip:end]):
+                _add_shard(st, entry)
+                st["resume"] = {**before, "skip_tokens": skip + used}
+                run.journal.save()
+            pos += len(ids)
+            n_docs = chunk.first_doc + len(chunk.sources)
+            bar.update(n_docs, min(pos, opts.max_tokens or pos), stats.bytes, _fraction(run, pos, n_docs))
+            if opts.max_tokens is not None and pos >= opts.max_tokens:
+                break
+    bar.end()
+    last = writer.close()
+    if last is not None:
+        _add_shard(st, last)
+    st["done"] = True
+    st["stats"] = asdict(stats)
+    st["inputs_final"] = per_input.tolist()
+    if not st["shards"]:
+        raise UserError(f"the input ({', '.join(i.spec for i in run.inputs)}) yields no complete {cfg.seq_len}-token "
+                        f"block after the compression filter (kept {stats.kept_docs} of "
+                        f"{stats.kept_docs + stats.dropped_docs} documents); give more text or raise "
+                        f"--compression-threshold")
+    run.journal.state["phase"] = "done" if opts.order == "stream" else "scatter"
+    run.journal.save()
+
+
+def _add_shard(st: dict, entry: dict) -> None:
+    """A complete stream shard into the journal; "." counts are summed there (one histogram, not one a shard)."""
+    dots = entry.pop("dots", None)
+    if dots is not None:
+        st["dots"] = (np.asarray(st.get("dots") or np.zeros_like(dots)) + dots).tolist()
+    st["shards"].append(entry)
+
+
+def _count_inputs(per_input: np.ndarray, chunk: Chunk, lens: np.ndarray) -> None:
+    n = len(per_input)
+    for col, w in enumerate((None, (lens > 0).astype(np.float64), lens.astype(np.float64),
+                             chunk.chars.astype(np.float64))):
+        per_input[:, col] += np.round(np.bincount(chunk.sources, weights=w, minlength=n)).astype(np.int64)
+
+
+def _fraction(run: _Run, tokens: int, docs: int) -> float | None:
+    known = [f for f in (mix_fraction(run.inputs, run.opts.weights is not None),
+                         tokens / run.opts.max_tokens if run.opts.max_tokens else None,
+                         docs / run.opts.max_documents if run.opts.max_documents else None) if f is not None]
+    return min(max(known), 1.0) if known else None
+
+
+def _bucket_plan(run: _Run) -> tuple[np.ndarray, np.ndarray]:
+    """(sub-buckets per key, first bucket of each key). Keys: shuffle 0; curriculum seq_len - "." count."""
+    S = run.cfg.shard_blocks
+    stream = run.journal.state["stream"]
+    shards = stream["shards"]
+    if run.opts.order == "curriculum":
+        hist = np.array(stream["dots"])[::-1]  # key k = seq_len - dots, ascending
+    else:
+        hist = np.array([sum(s["blocks"] for s in shards)])
+    per_key = np.ceil(hist / S).astype(np.int64)  # 0 for keys no block has
+    base = np.concatenate([[0], np.cumsum(per_key)[:-1]]).astype(np.int64)
+    return per_key, base
+
+
+def _bucket_path(run: _Run, b: int) -> str:
+    return os.path.join(run.out_dir, f"bucket-{b:05d}.bin")
+
+
+def _scatter_phase(run: _Run) -> None:
+    state = run.journal.state
+    L = run.cfg.seq_len
+    per_key, base = _bucket_plan(run)
+    n_buckets = int(per_key.sum())
+    if state["scatter"] is None:
+        state["scatter"] = {"next": 0, "bucket_blocks": [0] * n_buckets}
+    sc = state["scatter"]
+    counts = sc["bucket_blocks"]
+    for b, n in enumerate(counts):  # appends after the last journal entry are undone
+        _truncate(_bucket_path(run, b), n * L * 2, run.out_dir)
+    shards = state["stream"]["shards"]
+    for r in range(sc["next"]):
+        _remove(os.path.join(run.out_dir, shards[r]["file"]))
+    _say(run.progress, f"ordering ({run.opts.order}): {len(shards) - sc['next']} stream shard(s) into {n_buckets} "
+                       f"bucket(s)")
+    for r in range(sc["next"], len(shards)):
+        path = os.path.join(run.out_dir, shards[r]["file"])
+        blocks = np.fromfile(path, dtype=np.uint16).reshape(-1, L)  # [n, L], one shard
+        keys = _keys(run, blocks)
+        u = np.random.default_rng([run.opts.seed, 1, r]).random(len(blocks))
+        bucket = base[keys] + (u * per_key[keys]).astype(np.int64)  # a uniform sub-bucket of the block's key
+        order = np.argsort(bucket, kind="stable")
+        ids, starts = np.unique(bucket[order], return_index=True)
+        for b, lo, hi in zip(ids, starts, list(starts[1:]) + [len(order)]):
+            with open(_bucket_path(run, int(b)), "ab") as f:
+                f.write(blocks[order[lo:hi]].tobytes())
+            counts[b] += int(hi - lo)
+        sc["next"] = r + 1
+        run.journal.save()
+        os.remove(path)
+    state["phase"] = "gather"
+    run.journal.save()
+
+
+def _truncate(path: str, size: int, out_dir: str) -> None:
+    have = os.path.getsize(path) if os.path.exists(path) else 0
+    if have < size:
+        raise UserError(f"{path} is shorter than {JOURNAL} records ({have} < {size} bytes); the unfinished "
+                        f"prepare in {out_dir} cannot resume: delete the folder and prepare again")
+    if have > size:
+        os.truncate(path, size)
+
+
+def _keys(run: _Run, blocks: np.ndarray) -> np.ndarray:
+    if run.opts.order == "curriculum":
+        return run.cfg.seq_len - (blocks == run.dot).sum(axis=1)
+    return np.zeros(len(blocks), dtype=np.int64)
+
+
+def _gather_phase(run: _Run) -> None:
+    state = run.journal.state
+    L, S = run.cfg.seq_len, run.cfg.shard_blocks
+    counts = np.array(state["scatter"]["bucket_blocks"], dtype=np.int64)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    total = int(ends[-1])
+    if state["gather"] is None:
+        state["gather"] = {"shards": []}
+    done = state["gather"]["shards"]
+    _remove_buckets(run, np.flatnonzero(ends <= len(done) * S))  # written out before an interruption
+    cache: dict[int, np.ndarray] = {}
+    _say(run.progress, f"ordering ({run.opts.order}): writing {math.ceil(total / S) - len(done)} shard(s)")
+    for j in range(len(done), math.ceil(total / S)):
+        lo, hi = j * S, min((j + 1) * S, total)
+        out = np.empty((hi - lo, L), dtype=np.uint16)
+        for b in np.flatnonzero((starts < hi) & (ends > lo) & (counts > 0)):
+            blocks = _permuted_bucket(run, int(b), int(counts[b]), cache)
+            a, z = max(lo, starts[b]), min(hi, ends[b])
+            out[a - lo:z - lo] = blocks[a - starts[b]:z - starts[b]]
+        name = f"shard-{j:05d}.bin"
+        _atomic_write_bytes(os.path.join(run.out_dir, name), out.tobytes())
+        done.append(_shard_entry(run.out_dir, name, hi - lo, L))
+        run.journal.save()
+        _remove_buckets(run, np.flatnonzero(ends <= hi))  # fully written out
+    state["phase"] = "done"
+    run.journal.save()
+
+
+def _remove_buckets(run: _Run, buckets: np.ndarray) -> None:
+    for b in buckets:
+        _remove(_bucket_path(run, int(b)))
+
+
+def _permuted_bucket(run: _Run, b: int, n: int, cache: dict) -> np.ndarray:
+    if b not in cache:
+        cache.clear()  # buckets are visited in order: one is enough
+        blocks = np.fromfile(_bucket_path(run, b), dtype=np.uint16).reshape(n, run.cfg.seq_len)
+        cache[b] = blocks[np.random.default_rng([run.opts.seed, 2, b]).permutation(n)]
+    return cache[b]
+
+
+# ---------------------------------------------------------------- the whole prepare
+
+def _fingerprint(inputs: list[Input], cfg: DataConfig, opts: PrepareOptions, tokenizer: str) -> dict:
+    """Everything the output bytes depend on (not the number of workers)."""
+    fp = {"inputs": [inp.fingerprint() for inp in inputs], "tokenizer": tokenizer,
+          **{k: getattr(cfg, k) for k in ("seq_len", "shard_blocks", "doc_chars", "compression_threshold")},
+          **{k: getattr(opts, k) for k in ("weights", "max_documents", "max_tokens", "order", "text_field",
+                                           "chunk_chars")}}
+    if opts.order != "stream":
+        fp["seed"] = opts.seed
+    return json.loads(json.dumps(fp))  # as the journal stores it (tuples become lists)
+
+
+def _tokenizer_identity(tokenizer_path: str | None, cfg: DataConfig, opts: PrepareOptions):
+    if tokenizer_path:
+        try:
+            tok = load_tokenizer(tokenizer_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--tokenizer: {e}") from None
+        return tok, f"given:{tokenizer_hash(tok)}"
+    return None, f"trained:{cfg.vocab_size}:{opts.tokenizer_sample_docs}:{opts.max_documents}"
+
+
+def _train(inputs: list[Input], cfg: DataConfig, opts: PrepareOptions, progress: bool):
+    n = opts.tokenizer_sample_docs
+    if opts.max_documents is not None:
+        n = min(n or opts.max_documents, opts.max_documents)
+    what = f"the first {n:,} documents" if n else "the whole corpus"
+    _say(progress, f"training a WordPiece tokenizer (vocab {cfg.vocab_size}) on {what}")
+    texts = (text for _, text in islice(mix_documents(inputs, opts.weights), n))
+    tok = train_tokenizer(texts, cfg.vocab_size)
+    if tok.get_vocab_size() < 8:
+        raise UserError(f"the input ({', '.join(i.spec for i in inputs)}) holds no text to train a tokenizer on")
+    return tok
+
+
+def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: str | None = None,
+            progress: bool = True, options: PrepareOptions | None = None) -> dict:
+    """Prepare a corpus into out_dir (tokenizer.json, shard-*.bin, manifest.json); returns the manifest.
+
+    Reruns with the same inputs and settings resume an unfinished prepare; a finished one is refused.
+    """
+    opts = options or PrepareOptions()
+    opts.check(len(inputs))
+    sources = [Input(spec, cfg.doc_chars, opts.text_field) for spec in inputs]
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise UserError(f"{out_dir} already holds a prepared corpus ({MANIFEST}); choose another --out "
+                        f"or delete it first")
+    os.makedirs(out_dir, exist_ok=True)
+    given, identity = _tokenizer_identity(tokenizer_path, cfg, opts)
+    fingerprint = _fingerprint(sources, cfg, opts, identity)
+    tok_out = os.path.join(out_dir, TOKENIZER_FILE)
+    state = Journal.load(out_dir)
+    if state is not None and state.get("version") != FORMAT_VERSION:
+        raise UserError(f"{out_dir} holds an unfinished prepare of another fastcram version; delete the folder and "
+                        f"prepare again")
+    if state is not None and state.get("fingerprint") != fingerprint:
+        changed = sorted(k for k in set(fingerprint) | set(state.get("fingerprint") or {})
+                         if fingerprint.get(k) != (state.get("fingerprint") or {}).get(k))
+        raise UserError(f"{out_dir} holds an unfinished prepare with other settings (differs in: "
+                        f"{', '.join(changed)}); rerun it with the same inputs and flags to resume, or delete "
+                        f"the folder")
+    if given is not None:
+        tok = given
+        if os.path.abspath(tokenizer_path) != os.path.abspath(tok_out):
+            save_tokenizer(tok, tok_out)
+    elif state is not None:
+        try:
+            tok = load_tokenizer(tok_out)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"the unfinished prepare in {out_dir} lost its tokenizer ({e}); delete the folder and "
+                            f"prepare again") from None
+        if tokenizer_hash(tok) != state["tokenizer_hash"]:
+            raise UserError(f"{tok_out} changed since the unfinished prepare in {out_dir} began; delete the folder "
+                            f"and prepare again")
+    else:
+        tok = _train(sources, cfg, opts, progress)
+        save_tokenizer(tok, tok_out)
+    try:
+        ids = special_ids(tok, source=tok_out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if tok.get_vocab_size() > 65536:
+        raise UserError(f"tokenizer vocabulary {tok.get_vocab_size()} does not fit uint16 shards (max 65536)")
+    dot = tok.token_to_id(".")
+    if opts.order == "curriculum" and dot is None:
+        raise UserError(f"{tok_out} has no \".\" token, which --order curriculum counts; use another order")
+    journal = Journal(out_dir, state or _fresh_state(fingerprint, tokenizer_hash(tok)))
+    if state is None:
+        for f in _data_files(out_dir):  # leftovers of a run that never wrote its journal
+            _remove(os.path.join(out_dir, f))
+        journal.save()
+    run = _Run(out_dir, cfg, opts, sources, journal, tok, ids.sep, dot, progress,
+               workers=opts.workers or default_workers())
+    t0 = time.time()
+    try:
+        _run_phases(run)
+    except ReadError as e:
+        raise ReadError(f"{e}; the output so far is kept: rerun the same command to resume") from None
+    except UserError:
+        for f in _data_files(out_dir):  # bad input: nothing half-written that looks valid
+            _remove(os.path.join(out_dir, f))
+        raise
+    except KeyboardInterrupt:
+        _say(progress, f"\nprepare interrupted; {out_dir} is unfinished: rerun the same command to resume")
+        raise
+    manifest = _manifest(run, ids)
+    atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
+    _remove(journal.path)
+    st = manifest["filter"]
+    _say(progress, f"prepared {manifest['total_blocks']} blocks of {cfg.seq_len} tokens in "
+                   f"{len(manifest['shards'])} shard(s) ({st['kept_docs']} docs kept, {st['dropped_docs']} dropped "
+                   f"by the filter, order {opts.order}) in {time.time() - t0:.0f}s -> {out_dir}")
+    return manifest
+
+
+def _run_phases(run: _Run) -> None:
+    state = run.journal.state
+    if state["phase"] == "stream":
+        _stream_phase(run)
+    if state["phase"] == "scatter":
+        _scatter_phase(run)
+    if state["phase"] == "gather":
+        _gather_phase(run)
+
+
+def _manifest(run: _Run, ids) -> dict:
+    state, cfg, opts = run.journal.state, run.cfg, run.opts
+    shards = state["stream"]["shards"] if opts.order == "stream" else state["gather"]["shards"]
+    shards = [{k: s[k] for k in ("file", "blocks", "bytes", "sha256")} for s in shards]
+    per_input = state["stream"]["inputs_final"]
+    return {
+        "format": FORMAT_VERSION,
+        "seq_len": cfg.seq_len,
+        "vocab_size": run.tok.get_vocab_size(),
+        "tokenizer": TOKENIZER_FILE,
+        "tokenizer_hash": tokenizer_hash(run.tok),
+        "special_ids": ids.__dict__,
+        "total_blocks": sum(s["blocks"] for s in shards),
+        "shards": shards,
+        "order": opts.order,
+        "seed": opts.seed if opts.order != "stream" else None,
+        "filter": {"threshold": cfg.compression_threshold, **state["stream"]["stats"]},
+        "limits": {"max_documents": opts.max_documents, "max_tokens": opts.max_tokens,
+                   "tokenizer_sample_docs": opts.tokenizer_sample_docs},
+        "inputs": [{"input": inp.spec, "weight": opts.weights[i] if opts.weights else None, "docs": row[0],
+                    "kept_docs": row[1], "tokens": row[2], "chars": row[3]}
+                   for i, (inp, row) in enumerate(zip(run.inputs, per_input))],
+        "sources": [{"path": os.path.basename(f), "bytes": size} for inp in run.inputs
+                    for f, size in zip(inp.files, inp.sizes)] + [{"path": i.spec} for i in run.inputs if not i.files],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
