@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from .config import PRESETS, DataConfig, TrainConfig, preset
+from .cli_args import positive_float as _positive_float, positive_int as _positive_int
 from .errors import UserError
 
 
@@ -14,30 +15,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_float(flag: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a number, got {s!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
-        return v
-    return parse
-
-
-def _positive_int(flag: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
-        return v
-    return parse
 
 
 def _micro_batch(s: str):

@@ -15,7 +15,6 @@ on the same ops backend as pretraining, under bf16 autocast and torch.compile on
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -34,6 +33,7 @@ from . import checkpoint as ckpt
 from . import glue_data, glue_metrics
 from .config import ModelConfig, TrainConfig, from_dict
 from .data import MANIFEST, TOKENIZER_FILE, atomic_write_json
+from .cli_args import positive_float as _positive_float, positive_int as _positive_int
 from .errors import UserError
 from .model import CrammedBert
 from .tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -470,30 +470,6 @@ def run_glue(opts: GlueOptions) -> dict:
 
 
 # ---------------------------------------------------------------- CLI
-
-def _positive_int(flag: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
-        return v
-    return parse
-
-
-def _positive_float(flag: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a number, got {s!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
-        return v
-    return parse
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run (GLUE fine-tuning)")

@@ -6,7 +6,6 @@ once and writes no file; the run summary then records why telemetry is absent.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time

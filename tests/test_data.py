@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fastcram.config import DataConfig
-from fastcram.data import BlockDataset, BlockLoader, DataPosition, mask_batch, prepare
+from fastcram.data import BlockDataset, BlockLoader, mask_batch, prepare
 from fastcram.errors import UserError
-from fastcram.tokenizer import load_tokenizer, special_ids
+from fastcram.tokenizer import load_tokenizer
 
 from .helpers import write_small_corpus
 

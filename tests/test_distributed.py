@@ -3,7 +3,6 @@ import json
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -16,18 +15,15 @@ from fastcram.train import RunOptions, train
 
 from .helpers import FakeClock
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
 def _opts(data, out, resume=None, **kw):
     tcfg = TrainConfig(**{"compile": False, "device": "cpu", "micro_batch": 4, "final_batch": 16,
                           "budget_s": 1e6, "log_interval_s": 0.0, **kw})
     return RunOptions(train=tcfg, preset="tiny", data_dir=data, out_dir=out, resume=resume, progress=False)
-
 
 def _worker(rank, world, port, data, out, resume, kw, ticks, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -37,13 +33,11 @@ def _worker(rank, world, port, data, out, resume, kw, ticks, result_dir):
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"steps": s.get("steps", s.get("step")), "world": s.get("world_size")}, f)
 
-
 def _run2(tmp_path, data, out, resume=None, ticks=(0.0, 0.0), **kw):
     res = tmp_path / f"res-{os.path.basename(out)}-{resume is not None}"
     res.mkdir()
     mp.spawn(_worker, args=(2, _free_port(), data, out, resume, kw, ticks, str(res)), nprocs=2, join=True)
     return [json.load(open(res / f"rank{r}.json")) for r in range(2)]
-
 
 def test_two_ranks_equal_one_process_over_the_same_global_batches(small_data, tmp_path):
     torch.set_num_threads(1)
@@ -65,7 +59,6 @@ def test_two_ranks_equal_one_process_over_the_same_global_batches(small_data, tm
         total += a["model"][k].numel()
     assert close / total > 0.999
 
-
 def test_rank_slices_are_disjoint_and_rebased():
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(7, 500, (8, 128), generator=g)
@@ -76,12 +69,10 @@ def test_rank_slices_are_disjoint_and_rebased():
         assert p.positions.min() >= 0 and p.positions.max() < 4 * 128
         assert torch.equal(p.labels, ids[4 * r:4 * r + 4].reshape(-1)[p.positions])
 
-
 def test_all_ranks_stop_on_the_same_step_rank0_owns_the_clock(small_data, tmp_path):
     # rank 1's clock runs 10x slower: it alone would train far longer; rank 0 decides
     ranks = _run2(tmp_path, small_data, str(tmp_path / "clock"), ticks=(1.0, 0.1), budget_s=30.0)
     assert ranks[0]["steps"] == ranks[1]["steps"] > 0
-
 
 def test_two_process_run_resumes(small_data, tmp_path):
     out = str(tmp_path / "res")

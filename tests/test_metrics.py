@@ -1,6 +1,6 @@
 import pytest
 
-from fastcram.config import ModelConfig, preset
+from fastcram.config import preset
 from fastcram.metrics import flops_per_token, mfu, peak_tflops
 
 

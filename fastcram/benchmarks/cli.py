@@ -5,28 +5,16 @@ inside the handlers so that `--help` stays instant.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
 import time
 
+from ..cli_args import positive_int as _positive_int
 from ..errors import UserError
 
 RESULTS_DIR = os.path.join("bench", "results")
 OPS = ("layer_norm", "add_layer_norm", "linear_gelu", "linear_geglu", "mlm_loss")
-
-
-def _positive_int(flag: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
-        return v
-    return parse
 
 
 def _compile_flags(p) -> None:
