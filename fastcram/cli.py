@@ -32,6 +32,8 @@ def _add_train(sub) -> None:
     p.add_argument("--out", help="run folder (default runs/<time>-<preset>)")
     p.add_argument("--kernels", choices=["torch", "triton", "auto"], default="torch",
                    help="ops backend; auto times both per op on the run's shapes at start-up")
+    p.add_argument("--norm-kernels", choices=["torch", "triton", "cuda"],
+                   help="backend of the two LayerNorm ops only; cuda = the native kernels built with CMake")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on GPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="run eagerly (default on CPU)")
@@ -111,6 +113,7 @@ def cmd_train(args) -> int:
     hours = args.hours if args.hours is not None else (args.minutes / 60 if args.minutes is not None else 24.0)
     tcfg.budget_s = hours * 3600.0
     tcfg.kernels, tcfg.device, tcfg.seed = args.kernels, args.device, args.seed
+    tcfg.norm_kernels = args.norm_kernels
     tcfg.compile = gpu if args.compile is None else args.compile
     if args.micro_batch == "auto":
         tcfg.micro_batch_auto, args.micro_batch = True, None

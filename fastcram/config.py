@@ -60,6 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 0.5
     kernels: str = "torch"  # ops backend: "torch" | "triton" | "auto" (timed per op at start-up)
+    norm_kernels: str | None = None  # override for layer_norm/add_layer_norm: "torch" | "triton" | "cuda"
     compile: bool = True
     seed: int = 0
     log_interval_s: float = 10.0  # host syncs only at these intervals

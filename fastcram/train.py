@@ -26,7 +26,7 @@ from .env_info import environment
 from .errors import UserError
 from .metrics import RunLog, flops_per_token, mfu, peak_tflops
 from .model import CrammedBert
-from .ops import OpsError, get_ops, triton_unavailable_reason
+from .ops import OP_MODULES, OpsError, get_ops, triton_unavailable_reason
 from .profiling import ProfileWindow, format_breakdown, parse_window
 from .schedule import BudgetClock, accumulation_steps, lr_multiplier
 from .telemetry import TelemetrySampler
@@ -97,7 +97,11 @@ def restore_options(opts: RunOptions, run_dir: str) -> RunOptions:
 # ---------------------------------------------------------------- model, optimizer, step
 
 def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, per_op: dict | None = None) -> CrammedBert:
-    """The model on its ops bundle: tcfg.kernels for every op, or an explicit per-op choice."""
+    """The model on its ops bundle: tcfg.kernels for every op, or an explicit per-op choice; then the
+    norm-ops override (--norm-kernels)."""
+    if tcfg.norm_kernels:
+        base = per_op or {op: ("torch" if tcfg.kernels == "auto" else tcfg.kernels) for op in OP_MODULES}
+        per_op = {**base, "layer_norm": tcfg.norm_kernels, "add_layer_norm": tcfg.norm_kernels}
     if tcfg.kernels == "triton" or "triton" in (per_op or {}).values():
         why = triton_unavailable_reason(device)
         if why:
@@ -105,7 +109,8 @@ def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, per_op: 
     try:
         ops = get_ops("torch", per_op=per_op) if per_op else get_ops(tcfg.kernels)
     except OpsError as e:
-        raise UserError(f"--kernels {tcfg.kernels}: {e}") from None
+        flag = f"--norm-kernels {tcfg.norm_kernels}" if tcfg.norm_kernels else f"--kernels {tcfg.kernels}"
+        raise UserError(f"{flag}: {e}") from None
     return CrammedBert(model_cfg, ops).to(device)
 
 
@@ -274,9 +279,11 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     """Run (or resume) training until the budget is spent; returns the summary (on every rank)."""
     tcfg = opts.train
     ctx = init_from_env("cuda" if resolve_device(tcfg.device).startswith("cuda") else "cpu")
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(opts, ctx, now)
     finally:
+        torch.use_deterministic_algorithms(deterministic_before)  # a library call leaves global state as it was
         shutdown(ctx)
 
 

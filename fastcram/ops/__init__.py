@@ -2,7 +2,8 @@
 
 The model calls only the five functions of an `Ops` bundle. `get_ops("torch")` returns the reference
 implementations; `get_ops("triton")` returns the fused Triton kernels, except for the ops named in
-`disable`, which stay on the reference.
+`disable`, which stay on the reference. `per_op` picks a backend op by op; the two norm ops also have a
+"cuda" backend, the native kernels built by CMake from kernels/.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ OP_MODULES = {
     "linear_geglu": "linear_gelu",
     "mlm_loss": "mlm_loss",
 }
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cuda")
+NATIVE_OPS = ("layer_norm", "add_layer_norm")  # the ops with a native CUDA implementation (kernels/)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,14 @@ def get_op(op: str, backend: str) -> Callable:
         raise OpsError(f"unknown op {op!r}; known ops: {', '.join(OP_MODULES)}")
     if backend not in BACKENDS:
         raise OpsError(f"unknown kernels backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "cuda":
+        if op not in NATIVE_OPS:
+            raise OpsError(f"op {op!r} has no native CUDA implementation (only {', '.join(NATIVE_OPS)})")
+        from . import native_norm
+
+        if not native_norm.HAVE_NATIVE:
+            raise OpsError(f"the native CUDA library is not available: {native_norm.NATIVE_REASON}")
+        return getattr(native_norm, op)
     mod = _module(op)
     if backend == "torch":
         return getattr(mod, f"{op}_ref")
