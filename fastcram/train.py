@@ -400,20 +400,21 @@ def _train(opts: RunOptions, ctx: DistContext, now: Callable[[], float]) -> dict
 
     def write_log() -> bool:
         """One record for the interval just finished (a host sync); True when the run must stop."""
-        nonlocal first_loss
+        nonlocal first_loss, last_loss
         t = now()
         skipped, in_a_row = guard.read()
         loss = mean_across(ctx, loss_sum)
         rec = _log_record(state, interval, loss, grad_norm, lr, accum, global_micro, clock, t, data.seq_len, fpt,
                           peak, skipped)
         first_loss = rec["loss"] if first_loss is None else first_loss
+        last_loss = rec["loss"] if rec["loss"] is not None else last_loss
         log.write(rec)
         if main:
             _progress_line(opts, rec)
         loss_sum.zero_()
         interval.update(steps=0, seqs=0, wait=0.0, t=t)
         stop = False
-        if in_a_row >= tcfg.max_bad_steps:
+        if in_a_row >= guard.limit:
             say(f"fastcram: stopping: {in_a_row} optimizer steps in a row had a non-finite loss or gradient (the "
                 f"last finite state is in the newest checkpoint); resume with a lower learning rate, e.g. "
                 f"fastcram train --resume {run_dir} --lr {tcfg.lr / 2:g}")
@@ -431,7 +432,7 @@ def _train(opts: RunOptions, ctx: DistContext, now: Callable[[], float]) -> dict
     grad_norm = torch.zeros((), device=device)
     interval = {"steps": 0, "seqs": 0, "wait": 0.0, "t": now()}
     last_ckpt = now()
-    first_loss, profile_result, stopped_by = None, None, None
+    first_loss, last_loss, profile_result, stopped_by = None, None, None, None
     lr, accum = tcfg.lr, 1
     sync_debug = tcfg.sync_debug and device.startswith("cuda")
     model.train()
@@ -530,7 +531,7 @@ def _train(opts: RunOptions, ctx: DistContext, now: Callable[[], float]) -> dict
     summary = {"run_dir": run_dir, "steps": state.step, "micro_steps": state.micro_steps,
                "sequences": state.sequences, "tokens": tokens, "world_size": ctx.world,
                "budget_s": tcfg.budget_s, "budget_spent_s": round(clock.elapsed(), 3),
-               "first_logged_loss": first_loss, "final_loss": _last_loss(run_dir) if main else None,
+               "first_logged_loss": first_loss, "final_loss": last_loss,
                "skipped_steps": guard.total, "final_checkpoint": final_path, "device": env["device"],
                "ops": model.ops.choice, "telemetry": telemetry.summary(tokens), "profile": profile_result,
                "exit_code": 0}
@@ -565,13 +566,3 @@ def _progress_line(opts: RunOptions, rec: dict) -> None:
                f"lr {rec['lr']:.2e}  batch {rec['batch_size']}  {rec['tokens_per_s'] / 1e3:.1f}k tok/s  "
                f"MFU {m}  data wait {rec['data_wait_s']:.2f}s" + (f"  skipped {rec['skipped_steps']}"
                                                                   if rec["skipped_steps"] else ""))
-
-
-def _last_loss(run_dir: str) -> float | None:
-    loss = None
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("loss") is not None:
-                loss = rec["loss"]
-    return loss

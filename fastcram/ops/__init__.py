@@ -30,12 +30,7 @@ class Ops:
     linear_gelu: Callable
     linear_geglu: Callable
     mlm_loss: Callable
-    choice: dict = field(default_factory=dict)  # op name -> "torch" | "triton", for the run log
-
-    @property
-    def backend(self) -> str:
-        kinds = set(self.choice.values())
-        return kinds.pop() if len(kinds) == 1 else "mixed"
+    choice: dict = field(default_factory=dict)  # op name -> "torch" | "triton" | "cuda", for the run log
 
 
 class OpsError(ValueError):
