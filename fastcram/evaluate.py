@@ -36,7 +36,7 @@ from .data import MANIFEST, TOKENIZER_FILE, atomic_write_json
 from .cli_args import positive_float as _positive_float, positive_int as _positive_int
 from .errors import UserError
 from .model import CrammedBert
-from .tokenizer import SpecialIds, load_tokenizer, special_ids
+from .tokenizer import DocumentEncoder, SpecialIds, load_tokenizer, special_ids
 
 
 @dataclass
@@ -204,8 +204,9 @@ def pair_budget(la: int, lb: int, budget: int) -> tuple[int, int]:
 
 def encode_split(tok, special: SpecialIds, split: glue_data.Split, max_len: int) -> Encoded:
     """`<cls> A <sep>` or `<cls> A <sep> B <sep>`, truncated longest-first to max_len tokens."""
-    ta = [e.ids for e in tok.encode_batch(split.a, add_special_tokens=False)]
-    tb = None if split.b is None else [e.ids for e in tok.encode_batch(split.b, add_special_tokens=False)]
+    encode = DocumentEncoder(tok)  # as pretraining encoded text: "<sep>" spelled out in a sentence is not <sep>
+    ta = encode(split.a)
+    tb = None if split.b is None else encode(split.b)
     n = len(ta)
     ids = np.full((n, max_len), special.pad, dtype=np.int32)
     lengths = np.empty(n, dtype=np.int64)

@@ -2,9 +2,9 @@
 
 Three phases, each resumable from its last complete shard:
 1. stream: the mixed document stream is cut into chunks of about `chunk_chars` characters. Worker processes
-   tokenise a chunk with the tokenizer's batch encoder, apply the compression filter and join the kept
-   documents with <sep>. The main process takes the results in chunk order (so 1 and N workers write the same
-   bytes) and cuts the joined stream into shards of whole blocks as they fill.
+   tokenise a chunk (tokenizer.DocumentEncoder: each distinct word is encoded once), apply the compression
+   filter and join the kept documents with <sep>. The main process takes the results in chunk order (so 1
+   and N workers write the same bytes) and cuts the joined stream into shards of whole blocks as they fill.
 2. scatter (order shuffle or curriculum): every block of a stream shard goes to a bucket file chosen by its
    key (curriculum: seq_len - number of "." tokens; shuffle: one key) and a seeded random sub-bucket; each
    key gets ceil(blocks / shard_blocks) sub-buckets, so a bucket holds about one shard. The stream shard is
@@ -18,7 +18,7 @@ with the same inputs and settings skips it (re-reading, not re-tokenising, the d
 resume point) and writes byte-identical output. manifest.json is written last, atomically, and the journal
 removed: a folder without a manifest is recognisably unfinished. Memory: the main process holds one shard
 buffer, at most workers + 2 chunks in flight and, while ordering, one shard and one bucket; a worker holds
-one chunk. A single document is held whole (it is split at whitespace only for the encoder).
+one chunk and at most DocumentEncoder.max_entries remembered words. A single document is held whole.
 
 This module does not import torch, so `data prepare` and its worker processes start light.
 """
@@ -45,15 +45,13 @@ import numpy as np
 from .config import DataConfig
 from .errors import UserError
 from .sources import Input, ReadError, mix_documents, mix_fraction
-from .tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from .tokenizer import DocumentEncoder, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash, train_tokenizer
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 JOURNAL = "prepare-state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text that spells a special token is encoded as text
 ORDERS = ("shuffle", "curriculum", "stream")
-PIECE_CHARS = 100_000  # longer documents are split at whitespace for the encoder (same tokens, bounded memory)
-ENCODE_BATCH_CHARS = 1 << 19  # characters per encoder call inside a chunk
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
@@ -147,20 +145,16 @@ class ChunkEncoder:
     """Tokenises a list of documents, drops the ones that compress badly and joins the rest with <sep>."""
 
     def __init__(self, tok, sep: int, threshold: float):
-        self.encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch  # _fast skips offsets
-        self.sep, self.threshold = sep, threshold
+        self.encode = DocumentEncoder(tok)
+        self.sep, self.threshold = np.array([sep], dtype=np.uint16), threshold
 
     def __call__(self, docs: list[str]):
         """-> (uint16 ids of the kept documents, each followed by <sep>; tokens per document incl. <sep>,
         0 when dropped; Stats)."""
-        per_doc: list[list[int]] = [[] for _ in docs]
-        for texts, owners in _encoder_batches(docs):
-            for owner, enc in zip(owners, self.encode(texts, add_special_tokens=False)):
-                per_doc[owner].extend(enc.ids)
-        flat: list[int] = []
+        parts: list[np.ndarray] = []
         lens = np.zeros(len(docs), dtype=np.int64)
         st = Stats()
-        for i, (doc, ids) in enumerate(zip(docs, per_doc)):
+        for i, (doc, ids) in enumerate(zip(docs, self.encode(docs))):
             n, chars = len(ids), max(len(doc), 1)
             st.chars += len(doc)
             st.bytes += len(doc.encode("utf-8"))
@@ -170,48 +164,9 @@ class ChunkEncoder:
                 continue
             st.kept_docs += 1
             st.kept_tokens += n
-            flat.extend(ids)
-            flat.append(self.sep)
+            parts += (ids, self.sep)
             lens[i] = n + 1
-        return np.array(flat, dtype=np.uint16), lens, st
-
-
-def _pieces(doc: str) -> Iterator[str]:
-    """A long document cut at whitespace into pieces of about PIECE_CHARS characters. The pre-tokenizer splits
-    at whitespace anyway, so the pieces encode to exactly the document's tokens."""
-    start = 0
-    while len(doc) - start > PIECE_CHARS:
-        cut = doc.find(" ", start + PIECE_CHARS)  # whitespace is usually a space; other kinds: hard cut later
-        if cut < 0 or cut - start > 4 * PIECE_CHARS:
-            cut = _whitespace_cut(doc, start + PIECE_CHARS, start + 4 * PIECE_CHARS)
-        if cut < 0:
-            break  # no whitespace at all in a long stretch: keep it whole (it is one word to the encoder)
-        yield doc[start:cut]
-        start = cut
-    yield doc[start:]
-
-
-def _whitespace_cut(doc: str, lo: int, hi: int) -> int:
-    for i in range(lo, min(hi, len(doc))):
-        if doc[i].isspace():
-            return i
-    return -1
-
-
-def _encoder_batches(docs: list[str]) -> Iterator[tuple[list[str], list[int]]]:
-    texts: list[str] = []
-    owners: list[int] = []
-    size = 0
-    for i, doc in enumerate(docs):
-        for piece in (_pieces(doc) if len(doc) > PIECE_CHARS else (doc,)):
-            texts.append(piece)
-            owners.append(i)
-            size += len(piece)
-            if size >= ENCODE_BATCH_CHARS:
-                yield texts, owners
-                texts, owners, size = [], [], 0
-    if texts:
-        yield texts, owners
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)), lens, st
 
 
 _worker_encoder: ChunkEncoder | None = None
@@ -711,12 +666,13 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"the unfinished prepare in {out_dir} lost its tokenizer ({e}); delete the folder and "
                             f"prepare again") from None
-        if tokenizer_hash(tok) != state["tokenizer_hash"]:
-            raise UserError(f"{tok_out} changed since the unfinished prepare in {out_dir} began; delete the folder "
-                            f"and prepare again")
     else:
         tok = _train(sources, cfg, opts, progress)
         save_tokenizer(tok, tok_out)
+    tok_hash = tokenizer_hash(tok)
+    if state is not None and tok_hash != state["tokenizer_hash"]:
+        raise UserError(f"{tok_out} changed since the unfinished prepare in {out_dir} began; delete the folder "
+                        f"and prepare again")
     try:
         ids = special_ids(tok, source=tok_out)
     except ValueError as e:
@@ -726,7 +682,7 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
     dot = tok.token_to_id(".")
     if opts.order == "curriculum" and dot is None:
         raise UserError(f"{tok_out} has no \".\" token, which --order curriculum counts; use another order")
-    journal = Journal(out_dir, state or _fresh_state(fingerprint, tokenizer_hash(tok)))
+    journal = Journal(out_dir, state or _fresh_state(fingerprint, tok_hash))
     if state is None:
         for f in _data_files(out_dir):  # leftovers of a run that never wrote its journal
             _remove(os.path.join(out_dir, f))
@@ -775,7 +731,7 @@ def _manifest(run: _Run, ids) -> dict:
         "seq_len": cfg.seq_len,
         "vocab_size": run.tok.get_vocab_size(),
         "tokenizer": TOKENIZER_FILE,
-        "tokenizer_hash": tokenizer_hash(run.tok),
+        "tokenizer_hash": state["tokenizer_hash"],
         "special_ids": ids.__dict__,
         "total_blocks": sum(s["blocks"] for s in shards),
         "shards": shards,
