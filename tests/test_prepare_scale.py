@@ -366,7 +366,7 @@ def test_memory_stays_bounded_small(work, tmp_path, record_property):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FASTCRAM_SLOW_TESTS"), reason="about 2 minutes on 2 idle cores; "
+@pytest.mark.skipif(not os.environ.get("FASTCRAM_SLOW_TESTS"), reason="writes 300 MB of text and its shards to a temporary folder; "
                     "set FASTCRAM_SLOW_TESTS=1 to run it")
 def test_memory_stays_bounded_large(work, tmp_path, record_property):
     report = measure_prepare_memory(work, tmp_path, 300, shard_blocks=65536)
