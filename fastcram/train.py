@@ -288,260 +288,332 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
 
 
 def _train(opts: RunOptions, ctx: DistContext, now: Callable[[], float]) -> dict:
-    main = ctx.is_main
-    say = (lambda m: _say(opts, m)) if main else (lambda m: None)
-    run_dir, resumed = open_run(opts, check_existing=main)
-    resume_state = open_checkpoint(run_dir, say) if resumed else None
-    if resume_state is not None:
-        opts = restore_options(opts, run_dir)
-    tcfg = opts.train
-    if not tcfg.budget_s > 0:
-        raise UserError(f"the budget must be positive (got {tcfg.budget_s} s); pass e.g. --hours 24 or --minutes 5")
-    if tcfg.deterministic and not tcfg.max_steps:
-        raise UserError("--deterministic needs --max-steps: its schedules follow the step count, not the clock")
-    device = resolve_device(tcfg.device)
-    if device == "cuda" and ctx.enabled:
-        device = f"cuda:{ctx.local_rank}"
-    if tcfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS workspaces
-        torch.use_deterministic_algorithms(True)
+    return Training(opts, ctx, now).run()
 
-    # tokenizer + data (preparing the built-in corpus is one-time set-up, outside the budget)
-    model_cfg = preset(opts.preset).model
-    if opts.data_dir is None and not main:
-        torch.distributed.barrier()  # rank 0 prepares the built-in corpus first
-    data_dir = opts.data_dir or builtin_data(model_cfg.vocab_size, opts.data, progress=opts.progress and main)
-    if opts.data_dir is None and main and ctx.enabled:
-        torch.distributed.barrier()
-    data = BlockDataset(data_dir)
-    data.verify(sample=None if tcfg.verify_data else 2)
-    model_cfg.vocab_size, model_cfg.seq_len = data.vocab_size, data.seq_len
-    opts.data.seq_len = data.seq_len
 
-    spent = resume_state["elapsed_s"] if resume_state else 0.0
-    clock = BudgetClock(tcfg.budget_s, spent, now=now)  # starts before the model is built and compiled
-    if clock.done():
-        raise UserError(f"the budget ({tcfg.budget_s:.0f} s) is already spent ({spent:.0f} s); "
-                        f"pass a larger --hours/--minutes to continue")
+class Training:
+    """One run, set up top-down (run folder -> data -> budget clock -> model and compiled step -> logs and
+    checkpoints), then the loop, then the ending: a signal's checkpoint, a stop, or the final checkpoint."""
 
-    # model, with its ops backend (maybe auto-tuned), optimizer and compiled step
-    per_op, tuning = None, {}
-    if resume_state is not None:
-        per_op = resume_state["ops"]  # the resumed run keeps its kernel choice and micro-batch
-    elif tcfg.kernels == "auto" or tcfg.micro_batch_auto:
+    def __init__(self, opts: RunOptions, ctx: DistContext, now: Callable[[], float]):
+        self.ctx, self.now, self.main, self.opts = ctx, now, ctx.is_main, opts
+        self.run_dir, resumed = open_run(opts, check_existing=self.main)
+        self.resumed = open_checkpoint(self.run_dir, self.say) if resumed else None
+        if self.resumed is not None:
+            self.opts = restore_options(opts, self.run_dir)
+        self.tcfg = self.opts.train
+        self._check_options()
+        self.device = self._device()
+        self._open_data()
+        self.spent = spent = self.resumed["elapsed_s"] if self.resumed else 0.0
+        self.clock = BudgetClock(self.tcfg.budget_s, spent, now=now)  # runs while the model is built and compiled
+        if self.clock.done():
+            raise UserError(f"the budget ({self.tcfg.budget_s:.0f} s) is already spent ({spent:.0f} s); "
+                            f"pass a larger --hours/--minutes to continue")
+        self._build_model()
+        self._open_outputs()
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            _say(self.opts, msg)
+
+    # ------------------------------------------------------------ set-up
+
+    def _check_options(self) -> None:
+        tcfg = self.tcfg
+        if not tcfg.budget_s > 0:
+            raise UserError(f"the budget must be positive (got {tcfg.budget_s} s); pass e.g. --hours 24 or "
+                            f"--minutes 5")
+        if tcfg.deterministic and not tcfg.max_steps:
+            raise UserError("--deterministic needs --max-steps: its schedules follow the step count, not the clock")
+
+    def _device(self) -> str:
+        device = resolve_device(self.tcfg.device)
+        if device == "cuda" and self.ctx.enabled:
+            device = f"cuda:{self.ctx.local_rank}"
+        if self.tcfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS workspaces
+            torch.use_deterministic_algorithms(True)
+        return device
+
+    def _open_data(self) -> None:
+        """Tokenizer + data; preparing the built-in corpus is one-time set-up, outside the budget."""
+        opts, ctx = self.opts, self.ctx
+        self.model_cfg = preset(opts.preset).model
+        if opts.data_dir is None and not self.main:
+            torch.distributed.barrier()  # rank 0 prepares the built-in corpus first
+        self.data_dir = opts.data_dir or builtin_data(self.model_cfg.vocab_size, opts.data,
+                                                      progress=opts.progress and self.main)
+        if opts.data_dir is None and self.main and ctx.enabled:
+            torch.distributed.barrier()
+        self.data = BlockDataset(self.data_dir)
+        self.data.verify(sample=None if self.tcfg.verify_data else 2)
+        self.model_cfg.vocab_size, self.model_cfg.seq_len = self.data.vocab_size, self.data.seq_len
+        opts.data.seq_len = self.data.seq_len
+
+    def _build_model(self) -> None:
+        """The model with its ops backend (maybe auto-tuned), the optimizer, the compiled step and the loader."""
+        tcfg, ctx, device = self.tcfg, self.ctx, self.device
+        per_op, self.tuning = None, {}
+        if self.resumed is not None:
+            per_op = self.resumed["ops"]  # the resumed run keeps its kernel choice and micro-batch
+        elif tcfg.kernels == "auto" or tcfg.micro_batch_auto:
+            if ctx.enabled:
+                raise UserError("--kernels auto and --micro-batch auto run on one process; tune with one GPU, "
+                                "then pass the chosen values to the multi-GPU run")
+            per_op, self.tuning = autotune(self.model_cfg, tcfg, self.opts, device, self.data)
+            tcfg.micro_batch_auto = False  # the chosen size is what config.json records
+        torch.manual_seed(tcfg.seed)
+        self.model = build_model(self.model_cfg, tcfg, device, per_op)
+        self.optimizer = make_optimizer(self.model, tcfg, device)
+        self.mask_gen = torch.Generator(device=device)
+        self.mask_gen.manual_seed(tcfg.seed + 1)
+        self.state = (LoopState() if self.resumed is None else
+                      restore_state(self.resumed, self.model, self.optimizer, self.mask_gen))
+        stepped = self.model
         if ctx.enabled:
-            raise UserError("--kernels auto and --micro-batch auto run on one process; tune with one GPU, then "
-                            "pass the chosen values to the multi-GPU run")
-        per_op, tuning = autotune(model_cfg, tcfg, opts, device, data)
-        tcfg.micro_batch_auto = False  # the chosen size is what config.json records
-    torch.manual_seed(tcfg.seed)
-    model = build_model(model_cfg, tcfg, device, per_op)
-    optimizer = make_optimizer(model, tcfg, device)
-    mask_gen = torch.Generator(device=device)
-    mask_gen.manual_seed(tcfg.seed + 1)
-    state = LoopState() if resume_state is None else restore_state(resume_state, model, optimizer, mask_gen)
-    if ctx.enabled:
-        model_ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None)
-    step_fn = make_step(model_ddp if ctx.enabled else model, tcfg, device)
-    global_micro = tcfg.micro_batch * ctx.world  # every rank loads the global micro-batch, keeps its rows
-    loader = BlockLoader(data, global_micro, tcfg.seed, state.position, pin=device.startswith("cuda"))
+            stepped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None)
+        self.step_fn = make_step(stepped, tcfg, device)
+        self.global_micro = tcfg.micro_batch * ctx.world  # every rank loads the global micro-batch, keeps its rows
+        self.loader = BlockLoader(self.data, self.global_micro, tcfg.seed, self.state.position,
+                                  pin=device.startswith("cuda"))
 
-    # run folder: config, log header, telemetry, profiler (rank 0 writes; every rank samples its GPU)
-    config = {"preset": opts.preset, "data_dir": os.path.abspath(data_dir), "model": to_dict(model_cfg),
-              "train": to_dict(tcfg), "data": to_dict(opts.data), "world_size": ctx.world}
-    if resume_state is None and main:
-        atomic_write_json(os.path.join(run_dir, "config.json"), config)
-    log = RunLog(os.path.join(run_dir, "log.jsonl")) if main else NullLog()
-    env = environment(device)
-    if resume_state is not None and resume_state["config"].get("world_size", 1) != ctx.world:
-        say(f"fastcram: resuming a run saved with {resume_state['config'].get('world_size', 1)} process(es) on "
-            f"{ctx.world}: the data continues from the same block, in global micro-batches of {global_micro}")
-    log.write({"event": "start" if resume_state is None else "resume", "config": config, **env,
-               "ops": model.ops.choice, "budget_spent_s": round(spent, 3), "autotune": tuning or None,
-               "world_size": ctx.world, "checkpoint": resume_state.get("_path") if resume_state else None})
-    fpt = flops_per_token(model_cfg, opts.data.mask_prob)
-    peak = peak_tflops(env["device"] if device.startswith("cuda") else None, opts.peak_tflops)
-    peak = peak * ctx.world if peak else None  # MFU of the whole world
-    say(f"fastcram: {opts.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on "
-        f"{env['device']}" + (f" x {ctx.world} processes" if ctx.enabled else "") +
-        f", kernels {tcfg.kernels}, compile {tcfg.compile}, micro-batch {tcfg.micro_batch}, budget "
-        f"{tcfg.budget_s / 60:.1f} min, run folder {run_dir}")
-    profiler = None
-    if tcfg.profile_steps and main:
-        a, b = parse_window(tcfg.profile_steps)
-        profiler = ProfileWindow(os.path.join(run_dir, "profile"), a, b, device)
-    tel_name = "telemetry.jsonl" if not ctx.enabled else f"telemetry-rank{ctx.rank}.jsonl"
-    telemetry = TelemetrySampler(os.path.join(run_dir, tel_name), tcfg.telemetry_interval_s,
-                                 device_index=ctx.local_rank if device.startswith("cuda") else 0,
-                                 quiet=not (opts.progress and main)).start()
-    writer = ckpt.AsyncCheckpointer(run_dir, tcfg.keep_checkpoints)
-    guard = NonFiniteGuard(optimizer, device, tcfg.max_bad_steps, check_loss=not ctx.enabled)
+    def _open_outputs(self) -> None:
+        """Run folder: config, log header, telemetry, profiler (rank 0 writes; every rank samples its GPU)."""
+        opts, tcfg, ctx, device, resumed = self.opts, self.tcfg, self.ctx, self.device, self.resumed
+        self.config = {"preset": opts.preset, "data_dir": os.path.abspath(self.data_dir),
+                       "model": to_dict(self.model_cfg), "train": to_dict(tcfg), "data": to_dict(opts.data),
+                       "world_size": ctx.world}
+        if resumed is None and self.main:
+            atomic_write_json(os.path.join(self.run_dir, "config.json"), self.config)
+        self.log = RunLog(os.path.join(self.run_dir, "log.jsonl")) if self.main else NullLog()
+        self.env = environment(device)
+        if resumed is not None and resumed["config"].get("world_size", 1) != ctx.world:
+            self.say(f"fastcram: resuming a run saved with {resumed['config'].get('world_size', 1)} process(es) "
+                     f"on {ctx.world}: the data continues from the same block, in global micro-batches of "
+                     f"{self.global_micro}")
+        self.log.write({"event": "start" if resumed is None else "resume", "config": self.config, **self.env,
+                        "ops": self.model.ops.choice, "budget_spent_s": round(self.spent, 3),
+                        "autotune": self.tuning or None, "world_size": ctx.world,
+                        "checkpoint": resumed.get("_path") if resumed else None})
+        self.fpt = flops_per_token(self.model_cfg, opts.data.mask_prob)
+        peak = peak_tflops(self.env["device"] if device.startswith("cuda") else None, opts.peak_tflops)
+        self.peak = peak * ctx.world if peak else None  # MFU of the whole world
+        self.say(f"fastcram: {opts.preset} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params) "
+                 f"on {self.env['device']}" + (f" x {ctx.world} processes" if ctx.enabled else "") +
+                 f", kernels {tcfg.kernels}, compile {tcfg.compile}, micro-batch {tcfg.micro_batch}, budget "
+                 f"{tcfg.budget_s / 60:.1f} min, run folder {self.run_dir}")
+        self.profiler = None
+        if tcfg.profile_steps and self.main:
+            a, b = parse_window(tcfg.profile_steps)
+            self.profiler = ProfileWindow(os.path.join(self.run_dir, "profile"), a, b, device)
+        tel_name = "telemetry.jsonl" if not ctx.enabled else f"telemetry-rank{ctx.rank}.jsonl"
+        self.telemetry = TelemetrySampler(os.path.join(self.run_dir, tel_name), tcfg.telemetry_interval_s,
+                                          device_index=ctx.local_rank if device.startswith("cuda") else 0,
+                                          quiet=not (opts.progress and self.main)).start()
+        self.writer = ckpt.AsyncCheckpointer(self.run_dir, tcfg.keep_checkpoints)
+        self.guard = NonFiniteGuard(self.optimizer, device, tcfg.max_bad_steps, check_loss=not ctx.enabled)
 
-    def payload() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
-                "micro_steps": state.micro_steps, "sequences": state.sequences,
-                "position": dataclasses.asdict(state.position), "elapsed_s": clock.elapsed(),
-                "config": config, "rng": ckpt.rng_state(mask_gen), "ops": model.ops.choice}
+    # ------------------------------------------------------------ the loop
 
-    def save(path: str) -> None:
-        if main:
-            writer.submit(path, payload(), state.step)
+    def run(self) -> dict:
+        self._start_loop()
+        with StopRequest() as stop:
+            try:
+                stopped_by = self._loop(stop)
+            finally:
+                if self.sync_debug:
+                    torch.cuda.set_sync_debug_mode("default")
+                self.loader.close()
+                self.telemetry.stop()
+                self.writer.wait()
+        if stopped_by in ("SIGTERM", "SIGINT"):
+            return self._stop_on_signal(stopped_by)
+        if stopped_by:
+            return self._stop(stopped_by)
+        return self._finish()
 
-    def report_checkpoints() -> dict:
-        """Log finished checkpoint writes; returns {path: error} of the failed ones."""
-        failed = {}
-        for rec in writer.results():
-            log.write(rec)
-            if "error" in rec:
-                failed[rec["path"]] = rec["error"]
-                say(f"fastcram: checkpoint {rec['path']} failed: {rec['error']}; the previous checkpoint is intact")
-        return failed
+    def _start_loop(self) -> None:
+        device = self.device
+        self.loss_sum = torch.zeros((), device=device)  # summed over the log interval, read when it ends
+        self.grad_norm = torch.zeros((), device=device)
+        self.interval = {"steps": 0, "seqs": 0, "wait": 0.0, "t": self.now()}
+        self.last_ckpt = self.now()
+        self.first_loss = self.last_loss = self.profile_result = None
+        self.lr, self.accum = self.tcfg.lr, 1
+        self.sync_debug = self.tcfg.sync_debug and device.startswith("cuda")
+        self.model.train()
 
-    def write_log() -> bool:
-        """One record for the interval just finished (a host sync); True when the run must stop."""
-        nonlocal first_loss, last_loss
-        t = now()
-        skipped, in_a_row = guard.read()
-        loss = mean_across(ctx, loss_sum)
-        rec = _log_record(state, interval, loss, grad_norm, lr, accum, global_micro, clock, t, data.seq_len, fpt,
-                          peak, skipped)
-        first_loss = rec["loss"] if first_loss is None else first_loss
-        last_loss = rec["loss"] if rec["loss"] is not None else last_loss
-        log.write(rec)
-        if main:
-            _progress_line(opts, rec)
-        loss_sum.zero_()
-        interval.update(steps=0, seqs=0, wait=0.0, t=t)
-        stop = False
-        if in_a_row >= guard.limit:
-            say(f"fastcram: stopping: {in_a_row} optimizer steps in a row had a non-finite loss or gradient (the "
-                f"last finite state is in the newest checkpoint); resume with a lower learning rate, e.g. "
-                f"fastcram train --resume {run_dir} --lr {tcfg.lr / 2:g}")
+    def _loop(self, stop: StopRequest) -> str | None:
+        """Steps until the budget is spent or something stops the run (its reason returned). No host sync
+        except at log intervals: at the top of each step the ranks agree (host tensors only) on rank 0's
+        progress and whether to log, stop or save."""
+        tcfg, stopped_by = self.tcfg, None
+        while True:
+            t = self.now()
+            budget_done = self.clock.done() or (tcfg.max_steps is not None and self.state.step >= tcfg.max_steps)
+            log_due = self.interval["steps"] > 0 and (t - self.interval["t"] >= tcfg.log_interval_s or budget_done
+                                                      or tcfg.deterministic or stop.signal is not None)
+            save_due = t - self.last_ckpt >= tcfg.checkpoint_interval_s
+            p, flags = agree(self.ctx, self._progress(), [budget_done, log_due, save_due, stop.signal is not None])
+            budget_done, log_due, save_due, signalled = flags
+            if log_due:
+                stopped_by = self._write_log() or stopped_by
+            if signalled:
+                stopped_by = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"
+            if stopped_by or budget_done:
+                return stopped_by
+            if save_due:
+                self._save(ckpt.step_path(self.run_dir, self.state.step))
+                self.last_ckpt = self.now()
+            self._step(p)
+
+    def _progress(self) -> float:  # deterministic runs follow the step count, others the budget clock
+        return self.state.step / self.tcfg.max_steps if self.tcfg.deterministic else self.clock.progress()
+
+    def _step(self, p: float) -> None:
+        """One optimizer step at progress p: the batch ramp's accumulation, the lr schedule, skip if not finite."""
+        tcfg, opts, data, state = self.tcfg, self.opts, self.data, self.state
+        if self.profiler:
+            self.profiler.before_step(state.step)
+        if self.sync_debug:
+            torch.cuda.set_sync_debug_mode("error")  # any host sync until the next log is a bug
+        self.accum = accum = accumulation_steps(p, self.global_micro, tcfg.final_batch, tcfg.batch_ramp_until)
+        self.lr = tcfg.lr * lr_multiplier(p)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        step_loss = torch.zeros((), device=self.device)
+        step_wait = 0.0
+        for i in range(accum):
+            ids, wait = self.loader.next()
+            step_wait += wait
+            ids = ids.to(self.device, non_blocking=True)
+            b = mask_batch(ids, opts.data, data.special, data.vocab_size, self.mask_gen)
+            b = rank_slice(b, self.ctx, tcfg.micro_batch, data.seq_len, opts.data.masked_per_seq)
+            step_loss += self.step_fn(b.input_ids, b.positions, b.labels, accum, sync=i == accum - 1) / accum
+        if state.step in tcfg.fault_nan_steps:  # fault injection for the reliability tests
+            step_loss = step_loss * float("nan")
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip, foreach=True)
+        self.guard.before_step(step_loss, self.grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_sum += torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)
+        state.step += 1
+        state.micro_steps += accum
+        state.sequences += accum * self.global_micro
+        state.position = self.loader.position
+        self.interval["steps"] += 1
+        self.interval["seqs"] += accum * self.global_micro
+        self.interval["wait"] += step_wait
+        if self.sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
+        if self.profiler:
+            self._profile_step(step_wait)
+
+    def _profile_step(self, step_wait: float) -> None:
+        self.profiler.after_step(self.state.step, step_wait)
+        if self.profiler.result:
+            tokens_per_step = self.accum * self.global_micro * self.data.seq_len
+            self.profile_result = {**self.profiler.result, "tokens_per_step": tokens_per_step,
+                                   "flops_per_token": self.fpt, "peak_tflops": self.peak}
+            self.say("\n" + format_breakdown(self.profiler.result, tokens_per_step, self.fpt, self.peak))
+            self.profiler = None
+
+    # ------------------------------------------------------------ logs and checkpoints
+
+    def _write_log(self) -> str | None:
+        """One record for the interval just finished (a host sync); the reason to stop the run, if any."""
+        t = self.now()
+        skipped, in_a_row = self.guard.read()
+        loss = mean_across(self.ctx, self.loss_sum)
+        rec = _log_record(self.state, self.interval, loss, self.grad_norm, self.lr, self.accum, self.global_micro,
+                          self.clock, t, self.data.seq_len, self.fpt, self.peak, skipped)
+        self.first_loss = rec["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = rec["loss"] if rec["loss"] is not None else self.last_loss
+        self.log.write(rec)
+        if self.main:
+            _progress_line(self.opts, rec)
+        self.loss_sum.zero_()
+        self.interval.update(steps=0, seqs=0, wait=0.0, t=t)
+        stop = None
+        if in_a_row >= self.guard.limit:
+            self.say(f"fastcram: stopping: {in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                     f"(the last finite state is in the newest checkpoint); resume with a lower learning rate, "
+                     f"e.g. fastcram train --resume {self.run_dir} --lr {self.tcfg.lr / 2:g}")
             stop = "non-finite"
-        if report_checkpoints() and tcfg.stop_on_checkpoint_error:
+        if self._report_checkpoints() and self.tcfg.stop_on_checkpoint_error:
             stop = "checkpoint-error"
         return stop
 
-    def progress() -> float:  # deterministic runs follow the step count, others the budget clock
-        return state.step / tcfg.max_steps if tcfg.deterministic else clock.progress()
+    def _payload(self) -> dict:
+        state = self.state
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": state.step,
+                "micro_steps": state.micro_steps, "sequences": state.sequences,
+                "position": dataclasses.asdict(state.position), "elapsed_s": self.clock.elapsed(),
+                "config": self.config, "rng": ckpt.rng_state(self.mask_gen), "ops": self.model.ops.choice}
 
-    # the hot loop: no host sync except at log intervals. At the top of each step the ranks agree (host
-    # tensors only) on rank 0's progress and whether to log, stop or save.
-    loss_sum = torch.zeros((), device=device)
-    grad_norm = torch.zeros((), device=device)
-    interval = {"steps": 0, "seqs": 0, "wait": 0.0, "t": now()}
-    last_ckpt = now()
-    first_loss, last_loss, profile_result, stopped_by = None, None, None, None
-    lr, accum = tcfg.lr, 1
-    sync_debug = tcfg.sync_debug and device.startswith("cuda")
-    model.train()
-    with StopRequest() as stop:
-        try:
-            while True:
-                t = now()
-                budget_done = clock.done() or (tcfg.max_steps is not None and state.step >= tcfg.max_steps)
-                log_due = interval["steps"] > 0 and (t - interval["t"] >= tcfg.log_interval_s or budget_done
-                                                     or tcfg.deterministic or stop.signal is not None)
-                save_due = t - last_ckpt >= tcfg.checkpoint_interval_s
-                p, flags = agree(ctx, progress(), [budget_done, log_due, save_due, stop.signal is not None])
-                budget_done, log_due, save_due, signalled = flags
-                if log_due:
-                    stopped_by = write_log() or stopped_by
-                if signalled:
-                    stopped_by = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"
-                if stopped_by or budget_done:
-                    break
-                if save_due:
-                    save(ckpt.step_path(run_dir, state.step))
-                    last_ckpt = now()
+    def _save(self, path: str) -> None:
+        if self.main:
+            self.writer.submit(path, self._payload(), self.state.step)
 
-                if profiler:
-                    profiler.before_step(state.step)
-                if sync_debug:
-                    torch.cuda.set_sync_debug_mode("error")  # any host sync until the next log is a bug
-                accum = accumulation_steps(p, global_micro, tcfg.final_batch, tcfg.batch_ramp_until)
-                lr = tcfg.lr * lr_multiplier(p)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss = torch.zeros((), device=device)
-                step_wait = 0.0
-                for i in range(accum):
-                    ids, wait = loader.next()
-                    step_wait += wait
-                    ids = ids.to(device, non_blocking=True)
-                    b = mask_batch(ids, opts.data, data.special, data.vocab_size, mask_gen)
-                    b = rank_slice(b, ctx, tcfg.micro_batch, data.seq_len, opts.data.masked_per_seq)
-                    step_loss += step_fn(b.input_ids, b.positions, b.labels, accum, sync=i == accum - 1) / accum
-                if state.step in tcfg.fault_nan_steps:  # fault injection for the reliability tests
-                    step_loss = step_loss * float("nan")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip, foreach=True)
-                guard.before_step(step_loss, grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)
-                state.step += 1
-                state.micro_steps += accum
-                state.sequences += accum * global_micro
-                state.position = loader.position
-                interval["steps"] += 1
-                interval["seqs"] += accum * global_micro
-                interval["wait"] += step_wait
-                if sync_debug:
-                    torch.cuda.set_sync_debug_mode("default")
-                if profiler:
-                    profiler.after_step(state.step, step_wait)
-                    if profiler.result:
-                        profile_result = {**profiler.result, "tokens_per_step": accum * global_micro *
-                                          data.seq_len, "flops_per_token": fpt, "peak_tflops": peak}
-                        say("\n" + format_breakdown(profiler.result, profile_result["tokens_per_step"], fpt, peak))
-                        profiler = None
-        finally:
-            if sync_debug:
-                torch.cuda.set_sync_debug_mode("default")
-            loader.close()
-            telemetry.stop()
-            writer.wait()
+    def _report_checkpoints(self) -> dict:
+        """Log finished checkpoint writes; returns {path: error} of the failed ones."""
+        failed = {}
+        for rec in self.writer.results():
+            self.log.write(rec)
+            if "error" in rec:
+                failed[rec["path"]] = rec["error"]
+                self.say(f"fastcram: checkpoint {rec['path']} failed: {rec['error']}; the previous checkpoint is "
+                         f"intact")
+        return failed
 
-    tokens = state.sequences * data.seq_len
-    if stopped_by in ("SIGTERM", "SIGINT"):
-        path = ckpt.step_path(run_dir, state.step)
-        save(path)
-        writer.wait()
-        failed = report_checkpoints().get(path)
-        log.write({"event": "stopped", "signal": stopped_by, "step": state.step, "checkpoint": path,
-                   "budget_spent_s": round(clock.elapsed(), 3)})
-        log.close()
-        say(f"\nstopped by {stopped_by} at step {state.step}; " +
-            (f"saving failed ({failed})" if failed else f"saved {path}") +
-            f"\nresume with: fastcram train --resume {run_dir}")
-        return {"stopped_by": stopped_by, "run_dir": run_dir, "step": state.step, "exit_code": 1 if failed else 0}
-    if stopped_by:
-        report_checkpoints()
-        log.write({"event": "stopped", "reason": stopped_by, "step": state.step})
-        log.close()
-        return {"stopped_by": stopped_by, "run_dir": run_dir, "step": state.step, "exit_code": 1}
+    # ------------------------------------------------------------ endings
 
-    final_path = os.path.join(run_dir, ckpt.CKPT_DIR, ckpt.FINAL)
-    save(final_path)
-    writer.wait()
-    if final_path in report_checkpoints():
-        raise UserError(f"could not write the final checkpoint {final_path}; free disk space and run "
-                        f"fastcram train --resume {run_dir} (the newest periodic checkpoint is intact)")
-    summary = {"run_dir": run_dir, "steps": state.step, "micro_steps": state.micro_steps,
-               "sequences": state.sequences, "tokens": tokens, "world_size": ctx.world,
-               "budget_s": tcfg.budget_s, "budget_spent_s": round(clock.elapsed(), 3),
-               "first_logged_loss": first_loss, "final_loss": last_loss,
-               "skipped_steps": guard.total, "final_checkpoint": final_path, "device": env["device"],
-               "ops": model.ops.choice, "telemetry": telemetry.summary(tokens), "profile": profile_result,
-               "exit_code": 0}
-    if main:
-        atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
-    log.write({"event": "end", **summary})
-    log.close()
-    say(f"\ndone: {state.step} steps, {tokens / 1e6:.1f}M tokens, loss {first_loss} -> "
-        f"{summary['final_loss']}; checkpoint {final_path}")
-    return summary
+    def _stop_on_signal(self, name: str) -> dict:
+        """SIGTERM/SIGINT: save where the loop stopped, so that --resume continues from there."""
+        step = self.state.step
+        path = ckpt.step_path(self.run_dir, step)
+        self._save(path)
+        self.writer.wait()
+        failed = self._report_checkpoints().get(path)
+        self.log.write({"event": "stopped", "signal": name, "step": step, "checkpoint": path,
+                        "budget_spent_s": round(self.clock.elapsed(), 3)})
+        self.log.close()
+        self.say(f"\nstopped by {name} at step {step}; " +
+                 (f"saving failed ({failed})" if failed else f"saved {path}") +
+                 f"\nresume with: fastcram train --resume {self.run_dir}")
+        return {"stopped_by": name, "run_dir": self.run_dir, "step": step, "exit_code": 1 if failed else 0}
+
+    def _stop(self, reason: str) -> dict:
+        self._report_checkpoints()
+        self.log.write({"event": "stopped", "reason": reason, "step": self.state.step})
+        self.log.close()
+        return {"stopped_by": reason, "run_dir": self.run_dir, "step": self.state.step, "exit_code": 1}
+
+    def _finish(self) -> dict:
+        state, run_dir = self.state, self.run_dir
+        final_path = os.path.join(run_dir, ckpt.CKPT_DIR, ckpt.FINAL)
+        self._save(final_path)
+        self.writer.wait()
+        if final_path in self._report_checkpoints():
+            raise UserError(f"could not write the final checkpoint {final_path}; free disk space and run "
+                            f"fastcram train --resume {run_dir} (the newest periodic checkpoint is intact)")
+        tokens = state.sequences * self.data.seq_len
+        summary = {"run_dir": run_dir, "steps": state.step, "micro_steps": state.micro_steps,
+                   "sequences": state.sequences, "tokens": tokens, "world_size": self.ctx.world,
+                   "budget_s": self.tcfg.budget_s, "budget_spent_s": round(self.clock.elapsed(), 3),
+                   "first_logged_loss": self.first_loss, "final_loss": self.last_loss,
+                   "skipped_steps": self.guard.total, "final_checkpoint": final_path, "device": self.env["device"],
+                   "ops": self.model.ops.choice, "telemetry": self.telemetry.summary(tokens),
+                   "profile": self.profile_result, "exit_code": 0}
+        if self.main:
+            atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+        self.log.write({"event": "end", **summary})
+        self.log.close()
+        self.say(f"\ndone: {state.step} steps, {tokens / 1e6:.1f}M tokens, loss {self.first_loss} -> "
+                 f"{summary['final_loss']}; checkpoint {final_path}")
+        return summary
 
 
 def _log_record(state, interval, loss_sum, grad_norm, lr, accum, global_micro, clock, t, tokens_per_seq, fpt,
