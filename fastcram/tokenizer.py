@@ -125,6 +125,8 @@ def why_not_separable(tok: Tokenizer) -> str | None:
         return "its pre-tokenizer does not split at whitespace"
     if spec.get("truncation") or spec.get("padding"):
         return "it truncates or pads"
+    if (spec.get("model") or {}).get("dropout"):
+        return "its model samples (BPE dropout): a word need not encode the same way twice"
     for t in spec.get("added_tokens", []):
         if t["lstrip"] or t["rstrip"] or any(c.isspace() for c in t["content"]):
             return f"its added token {t['content']!r} reaches across whitespace"
@@ -140,7 +142,7 @@ class DocumentEncoder:
     times faster. A text is cut into chunks at ' ', '\t', '\n', '\r' and each distinct chunk is encoded once
     and remembered: word frequencies are Zipfian, so most chunks are hits. Exact when the tokenizer is
     separable (why_not_separable); others are encoded whole. Text that spells a special token ("<s>") is
-    encoded as text, never as that token. At most `max_entries` chunks are remembered (about 150 bytes each).
+    encoded as text, never as that token. At most `max_entries` chunks are remembered (about 130 bytes each).
 
     New chunks are encoded many per encoder call, joined by a punctuation character that is one token (the
     joint); the joints are found again by that token's id. One call per chunk costs the encoder twice as
