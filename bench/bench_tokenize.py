@@ -7,7 +7,10 @@ uses. Reports wall-clock MB/s, MB/s per worker, and MB per CPU-second (CPU time 
 workers), which moves less than wall time when the machine is shared.
 The load average is printed with every row: compare runs only at similar load.
 
-    .venv/bin/python bench/bench_tokenize.py --workers 1 2 --repeats 3 [--json results.json]
+    .venv/bin/python bench/bench_tokenize.py --workers 1 2 --repeats 3 [--read] [--json results.json]
+
+--read adds the main process's reading rate per input format (.txt.xz, .jsonl, .jsonl.zst, .parquet): with
+N workers the prepare is bounded by it.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastcram  # noqa: E402
 from fastcram.config import DataConfig  # noqa: E402
 from fastcram.prepare import PrepareOptions, prepare  # noqa: E402
-from fastcram.sources import _plain_documents  # noqa: E402
+from fastcram.sources import Input, _plain_documents  # noqa: E402
 from fastcram.tokenizer import DocumentEncoder, load_tokenizer, train_tokenizer  # noqa: E402
 
 
@@ -83,6 +86,41 @@ def prepare_run(tok_path: str, workers: int, tmp: str) -> dict:
             "tokens": m["filter"]["kept_tokens"], "load_before": la, "load_after": load()}
 
 
+def read_only(spec: str, text_mb: float) -> dict:
+    """The main process's share: reading one input into documents (decompress, parse), nothing else. With N
+    workers a prepare cannot go faster than this."""
+    la, t0, c0 = load(), time.perf_counter(), time.process_time()
+    for _ in Input(spec, DataConfig().doc_chars).documents():
+        pass
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"case": f"reading {os.path.basename(spec)} only", "workers": 0, "text_mb": text_mb, "wall_s": wall,
+            "cpu_s": cpu, "mb_s": text_mb / wall, "mb_s_per_worker": float("nan"), "mb_per_cpu_s": text_mb / cpu,
+            "load_before": la, "load_after": load()}
+
+
+def input_formats(docs: list[str], folder: str) -> list[str]:
+    """The built-in corpus's documents as .jsonl, and as .jsonl.zst and .parquet when those extras exist."""
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in docs)
+    paths = [os.path.join(folder, "corpus.jsonl")]
+    with open(paths[0], "w", encoding="utf-8") as f:
+        f.write(lines)
+    try:
+        import zstandard
+        paths.append(os.path.join(folder, "corpus.jsonl.zst"))
+        with open(paths[-1], "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress(lines.encode()))
+    except ImportError:
+        print("zstandard missing: no .zst row", file=sys.stderr)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        paths.append(os.path.join(folder, "corpus.parquet"))
+        pq.write_table(pa.table({"text": docs}), paths[-1], row_group_size=200)
+    except ImportError:
+        print("pyarrow missing: no .parquet row", file=sys.stderr)
+    return paths
+
+
 def median_row(rows: list[dict]) -> dict:
     best = dict(rows[0])
     for k in ("wall_s", "cpu_s", "mb_s", "mb_s_per_worker", "mb_per_cpu_s", "load_before", "load_after"):
@@ -98,6 +136,7 @@ def main() -> int:
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the corpus, untimed)")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--read", action="store_true", help="also time reading alone, per input format")
     args = ap.parse_args()
 
     with lzma.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
@@ -111,6 +150,10 @@ def main() -> int:
                 for how in ((False,), (True, False), (True, True))]
         for w in args.workers:
             rows.append(median_row([prepare_run(tok_path, w, tmp) for _ in range(args.repeats)]))
+        if args.read:
+            mb = sum(len(d.encode()) for d in docs) / 1e6
+            for spec in [builtin_corpus_path()] + input_formats(docs, tmp):
+                rows.append(median_row([read_only(spec, mb) for _ in range(args.repeats)]))
 
     print(f"\n{platform.node()}: {os.cpu_count()} logical CPUs, python {platform.python_version()}; "
           f"medians of {args.repeats}")

@@ -301,3 +301,19 @@ def test_gpu_check_dry_run_writes_the_report(tmp_path):
 def test_gpu_check_without_gpu_refuses_and_points_to_dry_run(tmp_path):
     res = _gpu_check(tmp_path)
     assert res.returncode == 2 and "--dry-run" in res.stderr and "no CUDA GPU" in res.stderr
+
+
+def test_tokenize_bench_runs_and_reports_every_case(tmp_path):
+    """bench/bench_tokenize.py end to end at a small vocabulary: every row present, over the same text."""
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_tokenize.py"), "--workers", "1",
+                          "--repeats", "1", "--vocab-size", "2000", "--read", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = json.load(open(out))["rows"]
+    cases = [r["case"] for r in rows]
+    assert cases[:4] == ["tokenizer's encoder only, 1 thread", "DocumentEncoder only, 1 thread, cold",
+                         "DocumentEncoder only, 1 thread, warm: second pass", "prepare, 1 worker(s)"]
+    assert "reading pd_lit.txt.xz only" in cases and "reading corpus.jsonl only" in cases
+    assert len({round(r["text_mb"], 6) for r in rows}) == 1  # every case saw the same text
+    assert rows[3]["tokens"] > 0 and all(r["mb_s"] > 0 for r in rows)
