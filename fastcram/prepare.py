@@ -45,7 +45,8 @@ import numpy as np
 from .config import DataConfig
 from .errors import UserError
 from .sources import Input, ReadError, mix_documents, mix_fraction
-from .tokenizer import DocumentEncoder, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from .tokenizer import (DocumentEncoder, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
+                        train_tokenizer, why_not_separable)
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -679,6 +680,10 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
         raise UserError(str(e)) from None
     if tok.get_vocab_size() > 65536:
         raise UserError(f"tokenizer vocabulary {tok.get_vocab_size()} does not fit uint16 shards (max 65536)")
+    whole = why_not_separable(tok)
+    if whole:
+        _say(progress, f"note: {tok_out}: {whole}, so documents are encoded whole, without remembering words "
+                       f"(exact, but several times slower)")
     dot = tok.token_to_id(".")
     if opts.order == "curriculum" and dot is None:
         raise UserError(f"{tok_out} has no \".\" token, which --order curriculum counts; use another order")

@@ -23,6 +23,8 @@ from fastcram.errors import UserError
 from fastcram.prepare import PrepareOptions
 from fastcram.sources import _plain_documents
 from fastcram.tokenizer import train_tokenizer
+from tests.test_tokenizer import byte_level_bpe
+from tokenizers import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = DataConfig(vocab_size=400, compression_threshold=0.9, shard_blocks=64, doc_chars=1500)
@@ -292,6 +294,36 @@ def test_progress_line(capsys):
     bar.update(1234, 5_600_000, 25_000_000, 0.25, force=True)
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.split() == ["1,234", "docs,", "5.6M", "tokens,", "2.5", "MB/s,", "25.0%,", "ETA", "0m30s"], line
+
+
+def test_stream_holds_the_tokenizers_own_ids(work, tmp_path, docs, reference):
+    """The stream order's blocks are the kept documents' ids, each followed by <sep>, as the tokenizer itself
+    encodes them: for the recipe's tokenizer (words remembered) and for a byte-level BPE (encoded whole)."""
+    bpe = byte_level_bpe(docs[:100], vocab_size=1000)
+    bpe.save(str(tmp_path / "bpe.json"))
+    for tok_path, out in ((str(work / "tok.json"), reference["stream"][0]), (str(tmp_path / "bpe.json"), None)):
+        if out is None:
+            out = str(tmp_path / "bpe-out")
+            m = prepare([str(work / "docs.jsonl")], out, CFG, tokenizer_path=tok_path, progress=False,
+                        options=PrepareOptions(**{**SMALL, "order": "stream"}))
+            assert m["total_blocks"] > 10
+        tok = Tokenizer.from_file(tok_path)
+        sep = tok.token_to_id("<sep>")
+        tok.encode_special_tokens = True
+        expected = []
+        for doc, enc in zip(docs, tok.encode_batch(docs, add_special_tokens=False)):
+            if enc.ids and len(enc.ids) / len(doc) < CFG.compression_threshold:
+                expected += enc.ids + [sep]
+        flat = all_blocks(out).reshape(-1)
+        assert flat.tolist() == expected[:len(flat)]
+
+
+def test_a_tokenizer_that_is_not_separable_is_named(work, tmp_path, docs, capsys):
+    bpe = byte_level_bpe(docs[:100], vocab_size=1000)
+    bpe.save(str(tmp_path / "bpe.json"))
+    prepare([str(work / "docs.jsonl")], str(tmp_path / "out"), CFG, tokenizer_path=str(tmp_path / "bpe.json"),
+            progress=True, options=PrepareOptions(**{**SMALL, "order": "stream"}))
+    assert "encoded whole" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- memory

@@ -89,11 +89,11 @@ def test_special_token_spellings_are_text(unicode_tok):
     assert unicode_tok.encode("<mask>", add_special_tokens=False).ids == [ids.mask]
 
 
-def byte_level_bpe(texts):
+def byte_level_bpe(texts, vocab_size: int = 300):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS),
-                                                       show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
     return tok
 
 
