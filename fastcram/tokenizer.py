@@ -142,22 +142,26 @@ class DocumentEncoder:
     times faster. A text is cut into chunks at ' ', '\t', '\n', '\r' and each distinct chunk is encoded once
     and remembered: word frequencies are Zipfian, so most chunks are hits. Exact when the tokenizer is
     separable (why_not_separable); others are encoded whole. Text that spells a special token ("<s>") is
-    encoded as text, never as that token. At most `max_entries` chunks are remembered (about 130 bytes each).
+    encoded as text, never as that token. At most `max_entries` chunks are remembered (about 130 bytes each for
+    words) and at most `max_chars` characters of them, beyond what one call brings (for long unique chunks:
+    URLs, base64, minified code).
 
     New chunks are encoded many per encoder call, joined by a punctuation character that is one token (the
     joint); the joints are found again by that token's id. One call per chunk costs the encoder twice as
     much. Chunks holding the joint character are encoded one by one, and so is a whole batch whose joint
     count comes out wrong (a character the normaliser turns into the joint)."""
 
-    def __init__(self, tok: Tokenizer, max_entries: int = 500_000, miss_batch: int = 2048):
+    def __init__(self, tok: Tokenizer, max_entries: int = 500_000, max_chars: int = 16_000_000,
+                 miss_batch: int = 2048):
         if tok.get_vocab_size() > 65536:
             raise ValueError(f"tokenizer vocabulary {tok.get_vocab_size()} does not fit uint16 ids (max 65536)")
         tok = Tokenizer.from_str(tok.to_str())  # an own copy: the flag below must not leak to the caller
         tok.encode_special_tokens = True
         self._encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch  # _fast skips offsets
         self.whole_reason = why_not_separable(tok)
-        self.max_entries, self.miss_batch = max_entries, miss_batch
+        self.max_entries, self.max_chars, self.miss_batch = max_entries, max_chars, miss_batch
         self.cache: dict[str, bytes] = {}  # chunk -> its ids as uint16 bytes
+        self.cached_chars = 0
         self._joint, self._joint_id = None, -1
         for c in _JOINT_CANDIDATES:
             ids = self._encode([f" {c} "], add_special_tokens=False)[0].ids
@@ -192,11 +196,13 @@ class DocumentEncoder:
 
     def _learn(self, chunks: list[list[str]]) -> None:
         distinct = set(chain.from_iterable(chunks))
-        new = distinct.difference(self.cache)
-        if len(self.cache) + len(new) > self.max_entries:
+        new = list(distinct.difference(self.cache))
+        new_chars = sum(map(len, new))
+        if len(self.cache) + len(new) > self.max_entries or self.cached_chars + new_chars > self.max_chars:
             self.cache.clear()  # crude, but the frequent chunks come back at once
-            new = distinct
-        new = list(new)
+            new = list(distinct)
+            new_chars, self.cached_chars = sum(map(len, new)), 0
+        self.cached_chars += new_chars
         for i in range(0, len(new), self.miss_batch):
             self.cache.update(self._encode_new(new[i:i + self.miss_batch]))
 

@@ -144,3 +144,14 @@ def test_remembered_chunks_stay_within_their_memory_budget(unicode_tok):
     assert len(enc.cache) > 10_000  # cleared once on the way, then refilled
     print(f"{current / len(enc.cache):.0f} bytes per remembered chunk")
     assert current / len(enc.cache) < 200
+
+
+def test_long_unique_chunks_are_bounded_by_characters(unicode_tok):
+    """Chunks that never repeat (base64, URLs) and are long: the character budget clears the memory, and the
+    ids stay right across the clearing."""
+    rng = np.random.default_rng(3)
+    enc = DocumentEncoder(unicode_tok, max_chars=5_000)
+    for _ in range(4):
+        docs = [" ".join("".join(rng.choice(list("abcxyz.,"), size=300)) for _ in range(5)) for _ in range(3)]
+        assert [a.tolist() for a in enc(docs)] == hf_ids(unicode_tok, docs)
+        assert enc.cached_chars == sum(map(len, enc.cache)) <= 5_000
