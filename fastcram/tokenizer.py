@@ -156,7 +156,11 @@ class DocumentEncoder:
         if tok.get_vocab_size() > 65536:
             raise ValueError(f"tokenizer vocabulary {tok.get_vocab_size()} does not fit uint16 ids (max 65536)")
         tok = Tokenizer.from_str(tok.to_str())  # an own copy: the flag below must not leak to the caller
-        tok.encode_special_tokens = True
+        try:
+            tok.encode_special_tokens = True
+        except AttributeError:
+            raise RuntimeError("fastcram needs tokenizers >= 0.19 (Tokenizer.encode_special_tokens); "
+                               "upgrade it with pip install -U tokenizers") from None
         self._encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch  # _fast skips offsets
         self.whole_reason = why_not_separable(tok)
         self.max_entries, self.max_chars, self.miss_batch = max_entries, max_chars, miss_batch
