@@ -211,18 +211,17 @@ class DocumentEncoder:
             self.cache.update(self._encode_new(new[i:i + self.miss_batch]))
 
     def _encode_new(self, part: list[str]) -> Iterator[tuple[str, bytes]]:
-        alone = part
+        """(chunk, ids) for new chunks: those without the joint character from one joined call, the rest (all of
+        them when the joined call cannot be split) one by one."""
         if self._joint is not None:
-            alone = [c for c in part if self._joint in c]
-            joinable = [c for c in part if self._joint not in c] if alone else part
+            joinable = [c for c in part if self._joint not in c]
             ids = self._encode_joined(joinable) if joinable else []
-            if ids is None:
-                alone = part
-            else:
+            if ids is not None:
                 yield from zip(joinable, ids)
-        if alone:
-            yield from zip(alone, (np.array(e.ids, dtype=np.uint16).tobytes()
-                                   for e in self._encode(alone, add_special_tokens=False)))
+                part = [c for c in part if self._joint in c]
+        if part:
+            yield from zip(part, (np.array(e.ids, dtype=np.uint16).tobytes()
+                                  for e in self._encode(part, add_special_tokens=False)))
 
     def _encode_joined(self, part: list[str]) -> list[bytes] | None:
         """The chunks' ids (uint16 bytes) from one encoder call, or None when the joints cannot be told apart."""

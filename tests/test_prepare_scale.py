@@ -296,34 +296,31 @@ def test_progress_line(capsys):
     assert line.split() == ["1,234", "docs,", "5.6M", "tokens,", "2.5", "MB/s,", "25.0%,", "ETA", "0m30s"], line
 
 
-def test_stream_holds_the_tokenizers_own_ids(work, tmp_path, docs, reference):
-    """The stream order's blocks are the kept documents' ids, each followed by <sep>, as the tokenizer itself
-    encodes them: for the recipe's tokenizer (words remembered) and for a byte-level BPE (encoded whole)."""
-    bpe = byte_level_bpe(docs[:100], vocab_size=1000)
-    bpe.save(str(tmp_path / "bpe.json"))
-    for tok_path, out in ((str(work / "tok.json"), reference["stream"][0]), (str(tmp_path / "bpe.json"), None)):
-        if out is None:
-            out = str(tmp_path / "bpe-out")
-            m = prepare([str(work / "docs.jsonl")], out, CFG, tokenizer_path=tok_path, progress=False,
-                        options=PrepareOptions(**{**SMALL, "order": "stream"}))
-            assert m["total_blocks"] > 10
-        tok = Tokenizer.from_file(tok_path)
-        sep = tok.token_to_id("<sep>")
-        tok.encode_special_tokens = True
-        expected = []
-        for doc, enc in zip(docs, tok.encode_batch(docs, add_special_tokens=False)):
-            if enc.ids and len(enc.ids) / len(doc) < CFG.compression_threshold:
-                expected += enc.ids + [sep]
-        flat = all_blocks(out).reshape(-1)
-        assert flat.tolist() == expected[:len(flat)]
+def tokenizer_stream(tok_path: str, docs: list[str]) -> list[int]:
+    """The kept documents' ids, each followed by <sep>, as the tokenizer itself encodes them."""
+    tok = Tokenizer.from_file(tok_path)
+    sep = tok.token_to_id("<sep>")
+    tok.encode_special_tokens = True
+    stream = []
+    for doc, enc in zip(docs, tok.encode_batch(docs, add_special_tokens=False)):
+        if enc.ids and len(enc.ids) / len(doc) < CFG.compression_threshold:
+            stream += enc.ids + [sep]
+    return stream
 
 
-def test_a_tokenizer_that_is_not_separable_is_named(work, tmp_path, docs, capsys):
-    bpe = byte_level_bpe(docs[:100], vocab_size=1000)
-    bpe.save(str(tmp_path / "bpe.json"))
-    prepare([str(work / "docs.jsonl")], str(tmp_path / "out"), CFG, tokenizer_path=str(tmp_path / "bpe.json"),
-            progress=True, options=PrepareOptions(**{**SMALL, "order": "stream"}))
-    assert "encoded whole" in capsys.readouterr().err
+def test_stream_holds_the_tokenizers_own_ids(work, docs, reference):
+    flat = all_blocks(reference["stream"][0]).reshape(-1)
+    assert flat.tolist() == tokenizer_stream(str(work / "tok.json"), docs)[:len(flat)]
+
+
+def test_a_tokenizer_that_is_not_separable_is_encoded_whole(work, tmp_path, docs, capsys):
+    bpe_path, out = str(tmp_path / "bpe.json"), str(tmp_path / "out")
+    byte_level_bpe(docs[:100], vocab_size=1000).save(bpe_path)
+    m = prepare([str(work / "docs.jsonl")], out, CFG, tokenizer_path=bpe_path, progress=True,
+                options=PrepareOptions(**{**SMALL, "order": "stream"}))
+    assert "encoded whole" in capsys.readouterr().err and m["total_blocks"] > 10
+    flat = all_blocks(out).reshape(-1)
+    assert flat.tolist() == tokenizer_stream(bpe_path, docs)[:len(flat)]
 
 
 # ---------------------------------------------------------------- memory
