@@ -27,16 +27,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Only light imports at the top: the spawned workers import this script again (fastcram.data would bring torch).
-import fastcram  # noqa: E402
+# Only light imports at the top: the spawned workers import this script again (fastcram.data.loader would bring torch).
 from fastcram.config import DataConfig  # noqa: E402
-from fastcram.prepare import PrepareOptions, prepare  # noqa: E402
-from fastcram.sources import Input, _plain_documents  # noqa: E402
-from fastcram.tokenizer import DocumentEncoder, load_tokenizer, train_tokenizer  # noqa: E402
-
-
-def builtin_corpus_path() -> str:
-    return os.path.join(os.path.dirname(fastcram.__file__), "corpus", "pd_lit.txt.xz")
+from fastcram.data.builtin import builtin_corpus_path  # noqa: E402
+from fastcram.data.prepare import PrepareOptions, prepare  # noqa: E402
+from fastcram.data.sources import Input, _plain_documents  # noqa: E402
+from fastcram.data.tokenizer import DocumentEncoder, load_tokenizer, train_tokenizer  # noqa: E402
 
 
 def cpu_seconds() -> float:

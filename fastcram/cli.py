@@ -5,8 +5,8 @@ import argparse
 import dataclasses
 import sys
 
-from .config import PRESETS, DataConfig, TrainConfig, preset
-from .cli_args import positive_float as _positive_float, positive_int as _positive_int
+from .config import PRESETS, DataConfig, RunOptions, TrainConfig, preset
+from .config import positive_float as _positive_float, positive_int as _positive_int
 from .errors import UserError
 
 
@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
 
     import torch
 
-    from .train import RunOptions, train
+    from .train.loop import train
 
     if args.gpus > 1 and "RANK" not in os.environ:
         return _launch_torchrun(args.gpus)
@@ -118,7 +118,7 @@ def cmd_train(args) -> int:
     if args.micro_batch == "auto":
         tcfg.micro_batch_auto, args.micro_batch = True, None
     if args.profile_steps:
-        from .profiling import parse_window
+        from .observe.profiling import parse_window
         try:
             parse_window(args.profile_steps)
         except ValueError as e:
@@ -150,8 +150,8 @@ def _add_tokenizer(sub) -> None:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from .data import find_text_files, iter_documents
-    from .tokenizer import train_tokenizer
+    from .data.sources import find_text_files, iter_documents
+    from .data.tokenizer import train_tokenizer
 
     if not 16 <= args.vocab_size <= 65535:
         raise UserError(f"--vocab-size {args.vocab_size}: must be between 16 and 65535")
@@ -197,7 +197,7 @@ def _add_data(sub) -> None:
 
 
 def cmd_data_prepare(args) -> int:
-    from .prepare import PrepareOptions, prepare  # not .data: the prepare and its workers need no torch
+    from .data.prepare import PrepareOptions, prepare  # not .data.loader: the prepare and its workers need no torch
 
     if not 16 <= args.vocab_size <= 65535:
         raise UserError(f"--vocab-size {args.vocab_size}: must be between 16 and 65535")
@@ -228,7 +228,7 @@ def _add_profile(sub) -> None:
 def cmd_profile(args) -> int:
     import torch
 
-    from .train import RunOptions, train
+    from .train.loop import train
 
     gpu = torch.cuda.is_available()
     name = args.preset or ("crammed-bert" if gpu else "tiny")
@@ -255,7 +255,7 @@ def _add_plot(sub) -> None:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_run
+    from .observe.plot import plot_run
 
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}", file=sys.stderr)
@@ -269,7 +269,7 @@ def _add_bench(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    from .evaluate import add_parser  # flags of `fastcram eval glue` live beside the evaluation
+    from .glue.finetune import add_parser  # flags of `fastcram eval glue` live beside the evaluation
 
     add_parser(sub)
 

@@ -1,6 +1,11 @@
-"""Configuration dataclasses and presets. Config objects are built by the CLI and passed down."""
+"""Configuration dataclasses and presets. Config objects are built by the CLI and passed down.
+
+Also the argparse value types every subcommand shares: bad values become one-line usage errors (exit 2).
+Imports no other fastcram module.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -111,3 +116,44 @@ def from_dict(cls, d: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
     return cls(**kw)
+
+
+@dataclass
+class RunOptions:
+    """Everything `fastcram train` was asked to do (the CLI builds this)."""
+    train: TrainConfig
+    preset: str = "tiny"
+    data_dir: str | None = None  # None: the built-in corpus
+    out_dir: str | None = None  # None: runs/<time>-<preset>
+    resume: str | None = None  # a run folder to continue
+    budget_given: bool = True  # False on resume without a budget flag: keep the saved budget
+    lr_given: bool = False  # on resume: a new peak lr (e.g. after non-finite steps)
+    data: DataConfig = field(default_factory=DataConfig)
+    progress: bool = True
+    peak_tflops: float | None = None
+
+
+# ---------------------------------------------------------------- flag values
+
+def positive_int(flag: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
+        return v
+    return parse
+
+
+def positive_float(flag: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} needs a number, got {s!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
+        return v
+    return parse

@@ -28,7 +28,7 @@ def device() -> str:
 def small_data(tmp_path_factory) -> str:
     """A prepared small corpus (vocab 512) shared by the tests that train."""
     from fastcram.config import DataConfig
-    from fastcram.data import prepare
+    from fastcram.data.prepare import prepare
 
     from .helpers import write_small_corpus
 

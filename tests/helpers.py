@@ -4,7 +4,7 @@ from __future__ import annotations
 import lzma
 import os
 
-from fastcram.data import builtin_corpus_path
+from fastcram.data.builtin import builtin_corpus_path
 
 
 def write_small_corpus(path: str, chars: int = 200_000) -> str:

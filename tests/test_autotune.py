@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastcram.autotune import search_micro_batch
+from fastcram.train.autotune import search_micro_batch
 
 
 def test_stops_at_out_of_memory_and_keeps_the_best():
@@ -36,7 +36,8 @@ def test_auto_micro_batch_picks_a_size_on_cpu(small_data, tmp_path):
     import os
 
     from fastcram.config import TrainConfig
-    from fastcram.train import RunOptions, train
+    from fastcram.config import RunOptions
+    from fastcram.train.loop import train
 
     from .helpers import FakeClock
     tcfg = TrainConfig(compile=False, device="cpu", micro_batch_auto=True, final_batch=64, max_steps=1,

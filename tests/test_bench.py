@@ -183,9 +183,9 @@ def test_cli_flag_errors_exit_2(capsys):
 # ---------------------------------------------------------------- the step benchmark
 
 def test_step_tiny_on_cpu(tmp_path, monkeypatch):
-    import fastcram.train
+    import fastcram.train.step
 
-    monkeypatch.setattr(fastcram.train, "triton_unavailable_reason", lambda device: "no GPU in this test")
+    monkeypatch.setattr(fastcram.train.step, "triton_unavailable_reason", lambda device: "no GPU in this test")
     s = step.StepSettings(preset="tiny", device="cpu", micro_batch=2, steps=1, warmup=1, repeats=3,
                           compile=False, backends=("triton", "torch", "hf"))
     path = tmp_path / "step.csv"
@@ -211,7 +211,7 @@ def test_step_tiny_on_cpu(tmp_path, monkeypatch):
 
 def test_step_flops_and_mfu():
     from fastcram.config import preset
-    from fastcram.metrics import flops_per_token, mfu
+    from fastcram.observe.metrics import flops_per_token, mfu
 
     cfg = preset("crammed-bert").model
     ours = flops_per_token(cfg, 0.25)

@@ -72,7 +72,7 @@ def test_data_folder_without_manifest(tmp_path):
 def test_tokenizer_not_matching_shards(small_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(small_data, data)
-    from fastcram.tokenizer import train_tokenizer
+    from fastcram.data.tokenizer import train_tokenizer
     train_tokenizer(["some other text"] * 30, vocab_size=100, out_path=str(data / "tokenizer.json"))
     res = run_cli("train", "--preset", "tiny", "--minutes", "1", "--data", str(data), "--out", str(tmp_path / "r"))
     assert_one_line_error(res, "tokenizer.json", "does not match")

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from fastcram.config import DataConfig
-from fastcram.data import BlockDataset, BlockLoader, mask_batch, prepare
+from fastcram.data.loader import BlockDataset, BlockLoader, mask_batch
+from fastcram.data.prepare import prepare
 from fastcram.errors import UserError
-from fastcram.tokenizer import load_tokenizer
+from fastcram.data.tokenizer import load_tokenizer
 
 from .helpers import write_small_corpus
 
@@ -72,7 +73,7 @@ def test_reads_compressed_and_folders(tmp_path):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_mask_count_and_80_10_10(seed):
     cfg = DataConfig()
-    from fastcram.tokenizer import SpecialIds
+    from fastcram.data.tokenizer import SpecialIds
     special = SpecialIds(0, 1, 2, 3, 4, 5, 6)
     V, B, L = 1000, 512, 128
     g = torch.Generator().manual_seed(seed)
@@ -122,7 +123,7 @@ def test_tokenizer_mismatch_is_refused(small_data, tmp_path):
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(small_data, copy)
-    from fastcram.tokenizer import train_tokenizer
+    from fastcram.data.tokenizer import train_tokenizer
     train_tokenizer(["other words entirely"] * 20, vocab_size=100, out_path=str(copy / "tokenizer.json"))
     with pytest.raises(UserError, match="does not match"):
         BlockDataset(str(copy))

@@ -6,12 +6,13 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from fastcram import checkpoint as ckpt
+from fastcram.train import checkpoint as ckpt
 from fastcram.config import DataConfig, TrainConfig
-from fastcram.data import mask_batch
-from fastcram.distributed import DistContext, rank_slice
-from fastcram.tokenizer import SpecialIds
-from fastcram.train import RunOptions, train
+from fastcram.data.loader import mask_batch
+from fastcram.train.distributed import DistContext, rank_slice
+from fastcram.data.tokenizer import SpecialIds
+from fastcram.config import RunOptions
+from fastcram.train.loop import train
 
 from .helpers import FakeClock
 

@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from fastcram import checkpoint as ckpt
-from fastcram import glue_data, glue_metrics
+from fastcram.train import checkpoint as ckpt
+from fastcram.glue import data as glue_data
+from fastcram.glue import metrics as glue_metrics
 from fastcram.cli import main
 from fastcram.config import ModelConfig, TrainConfig, to_dict
 from fastcram.errors import UserError
-from fastcram.evaluate import (DeviceSplit, GlueModel, GlueOptions, Protocol, build_encoder, encode_split,
+from fastcram.glue.finetune import (DeviceSplit, GlueModel, GlueOptions, Protocol, build_encoder, encode_split,
                                eval_batches, load_run, lr_multiplier, pair_budget, run_glue, train_batches)
 from fastcram.model import CrammedBert
 from fastcram.ops import get_ops
-from fastcram.tokenizer import train_tokenizer
+from fastcram.data.tokenizer import train_tokenizer
 
 # ---------------------------------------------------------------- synthetic GLUE folders
 

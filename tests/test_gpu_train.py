@@ -8,7 +8,8 @@ import torch
 def test_hot_loop_has_no_host_sync(small_data, tmp_path, kernels):
     """torch.cuda.set_sync_debug_mode('error') is on between log steps: any host sync raises."""
     from fastcram.config import TrainConfig
-    from fastcram.train import RunOptions, train
+    from fastcram.config import RunOptions
+    from fastcram.train.loop import train
 
     tcfg = TrainConfig(device="cuda", compile=True, kernels=kernels, micro_batch=16, final_batch=64,
                        max_steps=12, budget_s=1e6, log_interval_s=1e9, sync_debug=True)

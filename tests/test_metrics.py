@@ -1,7 +1,7 @@
 import pytest
 
 from fastcram.config import preset
-from fastcram.metrics import flops_per_token, mfu, peak_tflops
+from fastcram.observe.metrics import flops_per_token, mfu, peak_tflops
 
 
 def test_crammed_bert_flops_per_token_hand_count():

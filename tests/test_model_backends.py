@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from fastcram.config import DataConfig, ModelConfig
-from fastcram.data import mask_batch
+from fastcram.data.loader import mask_batch
 from fastcram.model import CrammedBert
 from fastcram.ops import OP_MODULES, OpsError, get_op, get_ops
-from fastcram.tokenizer import SpecialIds
+from fastcram.data.tokenizer import SpecialIds
 
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, 5, 6)
 

@@ -1,4 +1,4 @@
-"""The ctypes loader of the native CUDA LayerNorm (fastcram/native.py) and, on a GPU, its kernels.
+"""The ctypes loader of the native CUDA LayerNorm (fastcram/ops/native.py) and, on a GPU, its kernels.
 
 CPU: a missing or broken library gives (False, reason) and nothing raises at import; CPU tensors are
 refused with a clear error; a built library loads and reports why it cannot run without a GPU.
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastcram.native as native
+import fastcram.ops.native as native
 from fastcram.ops.layer_norm import add_layer_norm_ref, layer_norm_ref
 
 BUILT = Path(native.__file__).resolve().parent.parent / "build" / native.LIB_NAME

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import fastcram.data as data_mod
-import fastcram.prepare as prep
+import fastcram.data.loader as loader_mod
+import fastcram.data.prepare as prep
 from fastcram.config import DataConfig
-from fastcram.data import (BlockDataset, BlockLoader, DataPosition, EpochOrder, builtin_corpus_path, iter_documents,
-                           prepare)
+from fastcram.data.builtin import builtin_corpus_path
+from fastcram.data.loader import BlockDataset, BlockLoader, DataPosition, EpochOrder
+from fastcram.data.prepare import PrepareOptions, prepare
+from fastcram.data.sources import _plain_documents, iter_documents
+from fastcram.data.tokenizer import train_tokenizer
 from fastcram.errors import UserError
-from fastcram.prepare import PrepareOptions
-from fastcram.sources import _plain_documents
-from fastcram.tokenizer import train_tokenizer
 from tests.test_tokenizer import byte_level_bpe
 from tokenizers import Tokenizer
 
@@ -330,7 +330,7 @@ def test_a_tokenizer_that_is_not_separable_is_encoded_whole(work, tmp_path, docs
 MEMORY_SCRIPT = r"""
 import json, os, sys, threading, time
 from fastcram.config import DataConfig
-from fastcram.prepare import PrepareOptions, prepare
+from fastcram.data.prepare import PrepareOptions, prepare
 
 def hwm_mb(pid="self"):
     try:
@@ -423,8 +423,8 @@ def test_epoch_order_is_a_permutation_reachable_anywhere():
 
 
 def test_loader_resumes_exactly_across_windows_and_epochs(reference, monkeypatch):
-    monkeypatch.setattr(data_mod, "CHUNK_BLOCKS", 50)
-    monkeypatch.setattr(data_mod, "WINDOW_CHUNKS", 2)
+    monkeypatch.setattr(loader_mod, "CHUNK_BLOCKS", 50)
+    monkeypatch.setattr(loader_mod, "WINDOW_CHUNKS", 2)
     monkeypatch.setattr(BlockDataset, "MAX_OPEN", 3)  # many more shards than maps: the LRU is exercised
     ds = BlockDataset(reference["shuffle"][0])
     n, B = len(ds), 24

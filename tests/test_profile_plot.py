@@ -20,8 +20,9 @@ def test_profile_tiny_on_cpu_prints_the_breakdown(small_data, tmp_path):
 def test_plot_writes_a_valid_png_from_a_real_run(small_data, tmp_path):
     pytest.importorskip("matplotlib")
     from fastcram.config import TrainConfig
-    from fastcram.plot import plot_run
-    from fastcram.train import RunOptions, train
+    from fastcram.observe.plot import plot_run
+    from fastcram.config import RunOptions
+    from fastcram.train.loop import train
 
     tcfg = TrainConfig(compile=False, device="cpu", micro_batch=8, final_batch=16, max_steps=6, budget_s=1e6,
                        log_interval_s=0.0)

@@ -12,10 +12,11 @@ import time
 import pytest
 import torch
 
-from fastcram import checkpoint as ckpt
+from fastcram.train import checkpoint as ckpt
 from fastcram.config import TrainConfig
 from fastcram.errors import UserError
-from fastcram.train import RunOptions, train
+from fastcram.config import RunOptions
+from fastcram.train.loop import train
 
 from .helpers import FakeClock
 

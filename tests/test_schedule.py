@@ -1,6 +1,6 @@
 import pytest
 
-from fastcram.schedule import BudgetClock, accumulation_steps, lr_multiplier
+from fastcram.train.schedule import BudgetClock, accumulation_steps, lr_multiplier
 
 from .helpers import FakeClock
 

@@ -1,6 +1,6 @@
 import os
 
-from fastcram.telemetry import TelemetrySampler, decode_reasons, summarize
+from fastcram.observe.telemetry import TelemetrySampler, decode_reasons, summarize
 
 
 def test_without_gpu_says_so_once_and_writes_nothing(tmp_path, capsys):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-import fastcram.tokenizer as tok_mod
-from fastcram.tokenizer import (SPECIAL_TOKENS, DocumentEncoder, load_tokenizer, special_ids, tokenizer_hash,
+import fastcram.data.tokenizer as tok_mod
+from fastcram.data.tokenizer import (SPECIAL_TOKENS, DocumentEncoder, load_tokenizer, special_ids, tokenizer_hash,
                                train_tokenizer)
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Élan vital, naïve café!  Über   spaced   text.",

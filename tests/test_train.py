@@ -4,10 +4,13 @@ import os
 import pytest
 import torch
 
-from fastcram import checkpoint as ckpt
+from fastcram.train import checkpoint as ckpt
 from fastcram.config import TrainConfig, preset
-from fastcram.data import BlockDataset
-from fastcram.train import RunOptions, build_model, make_optimizer, restore_state, train
+from fastcram.data.loader import BlockDataset
+from fastcram.config import RunOptions
+from fastcram.train.checkpoint import restore_state
+from fastcram.train.loop import train
+from fastcram.train.step import build_model, make_optimizer
 
 from .helpers import FakeClock
 

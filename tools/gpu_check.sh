@@ -94,7 +94,7 @@ fi
   "$PY" - <<'EOF' 2>&1
 import importlib, json, sys
 import torch
-from fastcram.env_info import environment
+from fastcram.observe.env_info import environment
 print("python", sys.version.split()[0], sys.executable)
 print(json.dumps(environment("cuda" if torch.cuda.is_available() else "cpu")))
 for name in ("triton", "transformers", "rich", "pytest_benchmark", "pynvml", "apex", "tokenizers"):
@@ -151,7 +151,7 @@ skip_stage() {  # skip_stage NAME WHY
 if [ "$DRY" = 1 ]; then
   # The same stages in the forms that need no GPU: collection, --help, tiny CPU runs.
   run_stage data-prep 60 "dry run: module found, nothing prepared" quiet \
-    "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fastcram.data') is None)"
+    "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fastcram.data.loader') is None)"
   if command -v cmake >/dev/null; then
     run_stage native-build 60 "dry run: cmake --version only" quiet cmake --version
   else
@@ -181,7 +181,7 @@ else
   fi
   # CPU work in the background while the GPU tests run: the corpus for the training stage, the native build.
   run_stage data-prep 300 "built-in corpus, vocabulary 32768 (outside the training budget)" quiet \
-    "$PY" -c "from fastcram.data import builtin_data; builtin_data(32768, progress=False)" &
+    "$PY" -c "from fastcram.data.builtin import builtin_data; builtin_data(32768, progress=False)" &
   DATA_PID=$!
   BG_PIDS+=($DATA_PID)
   NATIVE_PID=

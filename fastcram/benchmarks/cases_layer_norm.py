@@ -2,7 +2,7 @@
 
 Providers: "triton" (fastcram.ops.layer_norm), "torch" (the eager reference), "torch.compile" (the compiled
 reference), "apex" (apex's fused_layer_norm_affine; add_layer_norm is an eager add followed by it) and
-"cuda" (the native kernels through fastcram.native, called directly: no autograd).
+"cuda" (the native kernels through fastcram.ops.native, called directly: no autograd).
 fwd is the training forward (inputs require grad, statistics saved); bwd times the backward alone on a
 retained graph (for add_layer_norm with gradients arriving for both s and y, as in the model); fwd+bwd
 does both. Activations, weight and bias all take the case dtype (apex wants them alike).
@@ -146,9 +146,9 @@ def autograd_bench(fwd, op, mode, rows, n, device, dtype) -> Callable[[], object
 
 
 def native_module():
-    """fastcram.native, imported only when the provider is set up."""
+    """fastcram.ops.native, imported only when the provider is set up."""
     try:
-        native = importlib.import_module("fastcram.native")
+        native = importlib.import_module("fastcram.ops.native")
         ok, why = native.available()
     except Exception as err:
         raise Unavailable(f"fastcram.native: {err}") from err

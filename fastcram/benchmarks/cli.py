@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from ..cli_args import positive_int as _positive_int
+from ..config import positive_int as _positive_int
 from ..errors import UserError
 
 RESULTS_DIR = os.path.join("bench", "results")
@@ -81,7 +81,7 @@ def _default_csv(kind: str, device_name: str) -> str:
 
 
 def _device(name: str) -> str:
-    from ..train import resolve_device
+    from ..train.step import resolve_device
 
     return resolve_device(name)
 
@@ -93,7 +93,7 @@ def cmd_kernels(args) -> int:
         raise UserError(f"--ops {' '.join(unknown)}: unknown op; choose from {', '.join(OPS)}")
     device = _device(args.device)
 
-    from ..env_info import device_name
+    from ..observe.env_info import device_name
     from . import kernels
     from .table import print_table
 
@@ -121,7 +121,7 @@ def cmd_step(args) -> int:
     backends = _split(args.backends)
 
     from ..config import PRESETS, TrainConfig, preset
-    from ..env_info import device_name
+    from ..observe.env_info import device_name
     from . import step
     from .table import print_table
 

@@ -20,7 +20,7 @@ from typing import Callable, TextIO
 
 import torch
 
-from ..env_info import environment
+from ..observe.env_info import environment
 from .case import Case, Unavailable
 from .ceilings import Ceilings, Timing, measure, time_fn
 

@@ -1,7 +1,7 @@
 """End-to-end training-step throughput behind `fastcram bench step`.
 
 One timed step is what the training loop does for one micro-batch: mask a block of tokens on the device
-(fastcram.data.mask_batch), forward + backward (fastcram.train.make_step, compiled), clip the gradient
+(fastcram.data.loader.mask_batch), forward + backward (fastcram.train.step.make_step, compiled), clip the gradient
 norm, AdamW step, zero the gradients. The data is synthetic (uniform random token ids): throughput does not
 depend on which tokens they are. Warm-up steps (where torch.compile builds the graph) are not timed; the
 host synchronises with the device only around each timed repeat. Variants:
@@ -26,14 +26,14 @@ from typing import Callable, TextIO
 import torch
 
 from ..config import DataConfig, ModelConfig, TrainConfig, preset
-from ..env_info import environment
+from ..observe.env_info import environment
 from ..errors import UserError
-from ..metrics import flops_per_token, mfu, peak_tflops
+from ..observe.metrics import flops_per_token, mfu, peak_tflops
 from .case import Unavailable
 
 VARIANTS = {"triton": "fastcram triton", "torch": "fastcram torch", "hf": "hf bert"}
 N_SPECIAL = 7  # ids 0..6 are the special tokens (<pad> <s> </s> <unk> <cls> <sep> <mask>)
-DATA_NOTE = "synthetic data: uniform random token blocks masked by fastcram.data.mask_batch"
+DATA_NOTE = "synthetic data: uniform random token blocks masked by fastcram.data.loader.mask_batch"
 
 CSV_COLUMNS = ["variant", "status", "kernels", "compiled", "preset", "micro_batch", "seq_len", "steps",
                "repeats", "tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_min", "tokens_per_s_max",
@@ -52,7 +52,7 @@ class StepSettings:
     repeats: int
     compile: bool
     backends: tuple[str, ...] = ("triton", "torch", "hf")
-    peak_tflops: float | None = None  # override for GPUs missing from fastcram.metrics' table
+    peak_tflops: float | None = None  # override for GPUs missing from fastcram.observe.metrics' table
 
 
 @dataclass
@@ -99,14 +99,14 @@ class Variant:
 # ---------------------------------------------------------------- synthetic data
 
 def _special():
-    from ..tokenizer import SpecialIds
+    from ..data.tokenizer import SpecialIds
 
     return SpecialIds(*range(N_SPECIAL))
 
 
 def batch_source(model_cfg: ModelConfig, micro_batch: int, device: str, n_blocks: int = 4, seed: int = 0):
     """A function returning the next masked batch; token blocks rotate, masks are drawn fresh each time."""
-    from ..data import mask_batch
+    from ..data.loader import mask_batch
 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -127,7 +127,7 @@ def batch_source(model_cfg: ModelConfig, micro_batch: int, device: str, n_blocks
 # ---------------------------------------------------------------- the variants
 
 def build_fastcram(model_cfg: ModelConfig, kernels: str, s: StepSettings) -> Variant:
-    from ..train import build_model, make_optimizer, make_step
+    from ..train.step import build_model, make_optimizer, make_step
 
     tcfg = TrainConfig(kernels=kernels, compile=s.compile, device=s.device, micro_batch=s.micro_batch)
     try:

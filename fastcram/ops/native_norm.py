@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import native
+from . import native
 
 HAVE_NATIVE, NATIVE_REASON = native.available()
 

@@ -29,14 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import glue_data, glue_metrics
-from .config import ModelConfig, TrainConfig, from_dict
-from .data import MANIFEST, TOKENIZER_FILE, atomic_write_json
-from .cli_args import positive_float as _positive_float, positive_int as _positive_int
-from .errors import UserError
-from .model import CrammedBert
-from .tokenizer import DocumentEncoder, SpecialIds, load_tokenizer, special_ids
+from ..train import checkpoint as ckpt
+from . import data as glue_data
+from . import metrics as glue_metrics
+from ..config import ModelConfig, TrainConfig, from_dict
+from ..config import positive_float as _positive_float, positive_int as _positive_int
+from ..data.prepare import MANIFEST, TOKENIZER_FILE
+from ..files import atomic_write_json
+from ..errors import UserError
+from ..model import CrammedBert
+from ..data.tokenizer import DocumentEncoder, SpecialIds, load_tokenizer, special_ids
 
 
 @dataclass
@@ -161,7 +163,7 @@ class GlueModel(nn.Module):
 
 
 def build_encoder(pre: Pretrained, kernels: str, dropout: float, device: str) -> CrammedBert:
-    from .train import build_model  # the same backend checks and errors as pretraining
+    from ..train.step import build_model  # the same backend checks and errors as pretraining
 
     cfg = dataclasses.replace(pre.cfg, dropout=dropout)
     enc = build_model(cfg, TrainConfig(kernels=kernels), device)
@@ -366,8 +368,8 @@ def finetune_seed(model: GlueModel, forward, pre: Pretrained, spec: glue_data.Ta
 
 def _resolve(opts: GlueOptions, pre: Pretrained) -> tuple[str, str, bool]:
     """device, kernels, compile."""
-    from .ops import triton_unavailable_reason
-    from .train import resolve_device
+    from ..ops import triton_unavailable_reason
+    from ..train.step import resolve_device
 
     device = resolve_device(opts.device)
     kernels = opts.kernels

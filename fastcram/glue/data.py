@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 HF_DATASET = "nyu-mll/glue"
 LAST = -1  # column index meaning "the last column of the header"

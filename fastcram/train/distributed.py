@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .data import MLMBatch
+from ..data.loader import MLMBatch
 
 
 @dataclass

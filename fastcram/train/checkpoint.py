@@ -9,9 +9,12 @@ import glob
 import os
 import random
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ..data.loader import DataPosition
 
 CKPT_DIR = "checkpoints"
 FINAL = "final.pt"
@@ -158,3 +161,21 @@ class AsyncCheckpointer:
         with self._lock:
             done, self._done = self._done, []
         return done
+
+
+# ---------------------------------------------------------------- restoring a run
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps taken
+    micro_steps: int = 0
+    sequences: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+
+
+def restore_state(saved: dict, model, optimizer, mask_gen: torch.Generator) -> LoopState:
+    """Load a checkpoint's model, optimizer and RNG states; return the loop counters and data position."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"], mask_gen)
+    return LoopState(saved["step"], saved["micro_steps"], saved["sequences"], DataPosition(**saved["position"]))

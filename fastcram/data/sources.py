@@ -17,7 +17,7 @@ import lzma
 import os
 from typing import Callable, Iterable, Iterator
 
-from .errors import UserError
+from ..errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst",
                  ".parquet")

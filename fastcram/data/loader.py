@@ -1,8 +1,8 @@
-"""Corpus -> filtered documents -> token shards (uint16 memmap + manifest) -> packed blocks -> MLM batches.
+"""Prepared shards -> packed blocks -> MLM batches: what training reads.
 
-Shards hold whole 128-token blocks: documents are tokenised, joined with <sep> and cut into blocks, with no
-padding. Reading inputs lives in sources.py, the parallel restartable prepare in prepare.py (both re-exported
-here); this module reads prepared shards (memory-mapped), orders them for training and masks batches.
+Shards hold whole 128-token blocks (written by prepare.py: documents tokenised, joined with <sep> and cut into
+blocks, no padding). This module memory-maps them, orders them for training (two-level shuffle), prefetches
+on a thread and masks batches with a fixed number of predicted tokens per sequence.
 """
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import UserError
-from .prepare import (FORMAT_VERSION, MANIFEST, ORDERS, TOKENIZER_FILE, PrepareOptions, _say, _sha256,  # noqa: F401
-                      atomic_write_json, default_workers, prepare)
-from .sources import TEXT_SUFFIXES, find_text_files, iter_documents  # noqa: F401
+from ..config import DataConfig
+from ..errors import UserError
+from ..files import sha256_file
+from .prepare import MANIFEST, TOKENIZER_FILE
 from .tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_hash
 
 # ---------------------------------------------------------------- reading shards
@@ -82,7 +81,7 @@ class BlockDataset:
             entries = [entries[i] for i in sorted(rng.choice(len(entries), sample, replace=False))]
         for s in entries:
             path = os.path.join(self.dir, s["file"])
-            if _sha256(path) != s["sha256"]:
+            if sha256_file(path) != s["sha256"]:
                 raise UserError(f"shard {path} is corrupt (its checksum differs from {MANIFEST}); prepare the data "
                                 f"again or restore the file")
         return [s["file"] for s in entries]
@@ -268,25 +267,3 @@ def mask_batch(ids: torch.Tensor, cfg: DataConfig, special: SpecialIds, vocab_si
     inputs = ids.scatter(1, cols, replaced)  # [B, L]
     positions = (cols + torch.arange(B, device=dev).unsqueeze(1) * L).reshape(-1)  # [B * m]
     return MLMBatch(inputs, positions, labels.reshape(-1))
-
-
-# ---------------------------------------------------------------- the built-in corpus
-
-def builtin_corpus_path() -> str:
-    return os.path.join(os.path.dirname(__file__), "corpus", "pd_lit.txt.xz")
-
-
-def cache_dir() -> str:
-    return os.environ.get("FASTCRAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastcram")
-
-
-def builtin_data(vocab_size: int, cfg: DataConfig | None = None, progress: bool = True) -> str:
-    """The built-in corpus prepared with a tokenizer of vocab_size; prepared once, then reused."""
-    out = os.path.join(cache_dir(), f"pd_lit-v{vocab_size}")
-    if os.path.isfile(os.path.join(out, MANIFEST)):
-        return out
-    _say(progress, f"preparing the built-in corpus once into {out}")
-    cfg = cfg or DataConfig()
-    cfg = DataConfig(**{**cfg.__dict__, "vocab_size": vocab_size})
-    prepare([builtin_corpus_path()], out, cfg, progress=progress)
-    return out

@@ -1,11 +1,7 @@
-"""Training FLOPs per token, MFU against the GPU's dense bf16 peak, and the JSONL run log."""
+"""Training FLOPs per token and MFU against the GPU's dense bf16 peak."""
 from __future__ import annotations
 
-import json
-import os
-import time
-
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # Dense (no sparsity) bf16 tensor-core peak with fp32 accumulation, TFLOP/s, from the vendors' datasheets
 # and architecture whitepapers. Matched against torch.cuda.get_device_name() by the first key it contains.
@@ -56,20 +52,3 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak: float | None) -> float 
     if not peak:
         return None
     return tokens_per_s * flops_per_tok / (peak * 1e12)
-
-
-class RunLog:
-    """Append-only JSONL: one record per log interval, flushed so a crash loses at most one line."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._f = open(path, "a", buffering=1)
-
-    def write(self, record: dict) -> None:
-        record = {"time": round(time.time(), 3), **record}
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()

@@ -2,186 +2,37 @@
 says stop -> checkpoint -> summary.
 
 The hot loop never synchronises with the host except at log intervals (and checkpoints): losses and
-gradient norms stay on the device until a log record is written.
+gradient norms stay on the device until a log record is written. What is not the loop lives beside it:
+the run folder (run_folder.py), the model, optimizer and step (step.py), start-up tuning (autotune.py),
+checkpoints (checkpoint.py); log records and the progress line in observe/runlog.py.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import signal
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..config import RunOptions, preset, to_dict
+from ..data.builtin import builtin_data
+from ..data.loader import BlockDataset, BlockLoader, mask_batch
+from ..errors import UserError
+from ..files import atomic_write_json
+from ..observe.env_info import environment
+from ..observe.metrics import flops_per_token, peak_tflops
+from ..observe.profiling import ProfileWindow, format_breakdown, parse_window
+from ..observe.runlog import NullLog, RunLog, log_record, progress_line, say
+from ..observe.telemetry import TelemetrySampler
 from . import checkpoint as ckpt
-from .config import DataConfig, ModelConfig, TrainConfig, from_dict, preset, to_dict
-from .data import BlockDataset, BlockLoader, DataPosition, atomic_write_json, builtin_data, mask_batch
+from .autotune import tune
 from .distributed import DistContext, agree, init_from_env, mean_across, rank_slice, shutdown
-from .env_info import environment
-from .errors import UserError
-from .metrics import RunLog, flops_per_token, mfu, peak_tflops
-from .model import CrammedBert
-from .ops import OP_MODULES, OpsError, get_ops, triton_unavailable_reason
-from .profiling import ProfileWindow, format_breakdown, parse_window
+from .run_folder import open_checkpoint, open_run, restore_options
 from .schedule import BudgetClock, accumulation_steps, lr_multiplier
-from .telemetry import TelemetrySampler
+from .step import NonFiniteGuard, build_model, make_optimizer, make_step, resolve_device
 
-
-@dataclass
-class RunOptions:
-    """Everything `fastcram train` was asked to do (the CLI builds this)."""
-    train: TrainConfig
-    preset: str = "tiny"
-    data_dir: str | None = None  # None: the built-in corpus
-    out_dir: str | None = None  # None: runs/<time>-<preset>
-    resume: str | None = None  # a run folder to continue
-    budget_given: bool = True  # False on resume without a budget flag: keep the saved budget
-    lr_given: bool = False  # on resume: a new peak lr (e.g. after non-finite steps)
-    data: DataConfig = field(default_factory=DataConfig)
-    progress: bool = True
-    peak_tflops: float | None = None
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    return name
-
-
-def _say(opts: RunOptions, msg: str) -> None:
-    if opts.progress:
-        print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- run folder
-
-def open_run(opts: RunOptions, check_existing: bool = True) -> tuple[str, bool]:
-    """The run folder, and whether it is an existing run to resume."""
-    if opts.resume:
-        run_dir = opts.resume
-        if not os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise UserError(f"--resume {run_dir}: not a fastcram run folder (no config.json); pass the folder "
-                            f"a `fastcram train` run wrote")
-        return run_dir, True
-    run_dir = opts.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{opts.preset}")
-    if check_existing and os.path.isfile(os.path.join(run_dir, "config.json")):
-        raise UserError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another --out")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {run_dir}: cannot create the run folder ({e.strerror})") from None
-    return run_dir, False
-
-
-def restore_options(opts: RunOptions, run_dir: str) -> RunOptions:
-    """On resume the saved configuration wins, except a budget or step limit given on the command line."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
-    train = from_dict(TrainConfig, saved["train"])
-    if opts.budget_given:
-        train.budget_s = opts.train.budget_s
-    train.max_steps = opts.train.max_steps or train.max_steps
-    if opts.lr_given:
-        train.lr = opts.train.lr
-    return dataclasses.replace(opts, train=train, preset=saved["preset"], data_dir=saved["data_dir"],
-                               data=from_dict(DataConfig, saved["data"]))
-
-
-# ---------------------------------------------------------------- model, optimizer, step
-
-def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, per_op: dict | None = None) -> CrammedBert:
-    """The model on its ops bundle: tcfg.kernels for every op, or an explicit per-op choice; then the
-    norm-ops override (--norm-kernels)."""
-    if tcfg.norm_kernels:
-        base = per_op or {op: ("torch" if tcfg.kernels == "auto" else tcfg.kernels) for op in OP_MODULES}
-        per_op = {**base, "layer_norm": tcfg.norm_kernels, "add_layer_norm": tcfg.norm_kernels}
-    if tcfg.kernels == "triton" or "triton" in (per_op or {}).values():
-        why = triton_unavailable_reason(device)
-        if why:
-            raise UserError(f"--kernels triton: {why}; use --kernels torch")
-    try:
-        ops = get_ops("torch", per_op=per_op) if per_op else get_ops(tcfg.kernels)
-    except OpsError as e:
-        flag = f"--norm-kernels {tcfg.norm_kernels}" if tcfg.norm_kernels else f"--kernels {tcfg.kernels}"
-        raise UserError(f"{flag}: {e}") from None
-    return CrammedBert(model_cfg, ops).to(device)
-
-
-def autotune(model_cfg: ModelConfig, tcfg: TrainConfig, opts: "RunOptions", device: str, data) -> tuple[dict | None, dict]:
-    """`--kernels auto` and `--micro-batch auto`, before the real model is built; returns (per_op, report)."""
-    from . import autotune as at
-
-    report: dict = {}
-    per_op = None
-    t0 = time.perf_counter()
-    say = (lambda m: _say(opts, m))
-    if tcfg.micro_batch_auto:
-        say("auto-tuning the micro-batch (time counts against the budget):")
-        probe = build_model(model_cfg, dataclasses.replace(tcfg, kernels="torch" if tcfg.kernels == "auto"
-                                                           else tcfg.kernels), device)
-        step = make_step(probe, tcfg, device)
-        gen = torch.Generator(device=device).manual_seed(tcfg.seed)
-
-        def make_batch(size):
-            ids = torch.randint(max(data.special.all) + 1, data.vocab_size, (size, data.seq_len), device=device)
-            b = mask_batch(ids, opts.data, data.special, data.vocab_size, gen)
-            return b.input_ids, b.positions, b.labels
-
-        cands = at.GPU_MICRO_BATCHES if device.startswith("cuda") else at.CPU_MICRO_BATCHES
-        cands = [c for c in cands if c <= len(data)]
-        best, trials = at.search_micro_batch(
-            lambda size: at.measure_step_throughput(step, make_batch, probe, size, data.seq_len, device), cands,
-            log=say)
-        tcfg.micro_batch = best
-        report["micro_batch"] = {"chosen": best, "trials": trials}
-        del probe, step
-        say(f"  -> micro-batch {best}")
-    if tcfg.kernels == "auto":
-        say("timing triton vs torch per op on this run's shapes:")
-        per_op, rows = at.choose_kernels(model_cfg, tcfg.micro_batch, opts.data.mask_prob, device, tcfg.compile,
-                                         log=say)
-        report["kernels"] = {"chosen": per_op, "timings_ms": rows}
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    return per_op, report
-
-
-def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW as the recipe: no weight decay on biases, norms and the position scale."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel for all parameters, and it honours `found_inf` (NonFiniteGuard) without a host sync
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.eps, fused=True)
-
-
-def make_step(model: torch.nn.Module, tcfg: TrainConfig, device: str) -> Callable:
-    """forward + backward of one micro-batch, scaled by 1/accum; returns the (unscaled) loss on device.
-
-    `model` may be DDP-wrapped: gradients are then all-reduced only when `sync` is true (the last micro-step
-    of an accumulation). Under DDP the graph is compiled without fullgraph: DDP's optimizer splits it at
-    gradient-bucket boundaries so communication overlaps the backward.
-    """
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    forward = torch.compile(model, fullgraph=not ddp, dynamic=False) if tcfg.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-
-    def step(input_ids, positions, labels, accum: int, sync: bool = True) -> torch.Tensor:
-        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
-            loss = forward(input_ids, positions, labels)
-            (loss / accum).backward()
-        return loss.detach()
-
-    return step
-
-
-# ---------------------------------------------------------------- the loop
 
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop finishes the current step, saves and exits."""
@@ -201,78 +52,6 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-@dataclass
-class LoopState:
-    step: int = 0  # optimizer steps taken
-    micro_steps: int = 0
-    sequences: int = 0
-    position: DataPosition = field(default_factory=DataPosition)
-
-
-def restore_state(saved: dict, model, optimizer, mask_gen: torch.Generator) -> LoopState:
-    """Load a checkpoint's model, optimizer and RNG states; return the loop counters and data position."""
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    ckpt.set_rng_state(saved["rng"], mask_gen)
-    return LoopState(saved["step"], saved["micro_steps"], saved["sequences"], DataPosition(**saved["position"]))
-
-
-def open_checkpoint(run_dir: str, say: Callable[[str], None]) -> dict:
-    """The newest readable checkpoint of a run; an unreadable one is named and the next older one tried."""
-    ckpt.cleanup_temp_files(run_dir)
-    paths = ckpt.candidates(run_dir)
-    if not paths:
-        raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again instead")
-    for path in paths:
-        try:
-            state = ckpt.load(path)
-            state["_path"] = path
-            return state
-        except Exception as e:
-            say(f"fastcram: warning: cannot read checkpoint {path} ({e}); trying an older one")
-    raise UserError(f"--resume {run_dir}: no readable checkpoint among {len(paths)}")
-
-
-class NullLog:
-    """The run log of ranks other than 0."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class NonFiniteGuard:
-    """Skips optimizer steps whose loss or gradients are not finite, without a host sync.
-
-    The fused AdamW kernels honour `optimizer.found_inf` (the mechanism AMP's grad scaler uses): a non-zero
-    value leaves parameters, moments and the step count untouched. Counters stay on the device and are read
-    at log intervals; `limit` consecutive skips stop the run there with a clear message.
-    """
-
-    def __init__(self, optimizer, device: str, limit: int, check_loss: bool = True):
-        self.optimizer, self.limit, self.check_loss = optimizer, limit, check_loss
-        self.skipped = torch.zeros((), device=device)  # in this log interval
-        self.in_a_row = torch.zeros((), device=device)
-        self.total = 0
-
-    def before_step(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        # Under DDP only the (all-reduced, hence identical) gradient norm decides, so all ranks skip together.
-        ok = torch.isfinite(grad_norm) & torch.isfinite(step_loss) if self.check_loss else torch.isfinite(grad_norm)
-        bad = (~ok).float()  # 0-d, on device
-        self.optimizer.found_inf = bad
-        self.skipped += bad
-        self.in_a_row = (self.in_a_row + bad) * bad  # reset to 0 by a good step
-
-    def read(self) -> tuple[int, int]:
-        """(skipped in this interval, consecutive now); a host sync, for log intervals only."""
-        skipped, row = int(self.skipped.item()), int(self.in_a_row.item())
-        self.total += skipped
-        self.skipped.zero_()
-        return skipped, row
 
 
 def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
@@ -315,7 +94,7 @@ class Training:
 
     def say(self, msg: str) -> None:
         if self.main:
-            _say(self.opts, msg)
+            say(self.opts.progress, msg)
 
     # ------------------------------------------------------------ set-up
 
@@ -361,15 +140,15 @@ class Training:
             if ctx.enabled:
                 raise UserError("--kernels auto and --micro-batch auto run on one process; tune with one GPU, "
                                 "then pass the chosen values to the multi-GPU run")
-            per_op, self.tuning = autotune(self.model_cfg, tcfg, self.opts, device, self.data)
+            per_op, self.tuning = tune(self.model_cfg, tcfg, self.opts, device, self.data)
             tcfg.micro_batch_auto = False  # the chosen size is what config.json records
         torch.manual_seed(tcfg.seed)
         self.model = build_model(self.model_cfg, tcfg, device, per_op)
         self.optimizer = make_optimizer(self.model, tcfg, device)
         self.mask_gen = torch.Generator(device=device)
         self.mask_gen.manual_seed(tcfg.seed + 1)
-        self.state = (LoopState() if self.resumed is None else
-                      restore_state(self.resumed, self.model, self.optimizer, self.mask_gen))
+        self.state = (ckpt.LoopState() if self.resumed is None else
+                      ckpt.restore_state(self.resumed, self.model, self.optimizer, self.mask_gen))
         stepped = self.model
         if ctx.enabled:
             stepped = torch.nn.parallel.DistributedDataParallel(
@@ -527,13 +306,13 @@ class Training:
         t = self.now()
         skipped, in_a_row = self.guard.read()
         loss = mean_across(self.ctx, self.loss_sum)
-        rec = _log_record(self.state, self.interval, loss, self.grad_norm, self.lr, self.accum, self.global_micro,
+        rec = log_record(self.state, self.interval, loss, self.grad_norm, self.lr, self.accum, self.global_micro,
                           self.clock, t, self.data.seq_len, self.fpt, self.peak, skipped)
         self.first_loss = rec["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = rec["loss"] if rec["loss"] is not None else self.last_loss
         self.log.write(rec)
         if self.main:
-            _progress_line(self.opts, rec)
+            progress_line(self.opts.progress, rec)
         self.loss_sum.zero_()
         self.interval.update(steps=0, seqs=0, wait=0.0, t=t)
         stop = None
@@ -614,27 +393,3 @@ class Training:
         self.say(f"\ndone: {state.step} steps, {tokens / 1e6:.1f}M tokens, loss {self.first_loss} -> "
                  f"{summary['final_loss']}; checkpoint {final_path}")
         return summary
-
-
-def _log_record(state, interval, loss_sum, grad_norm, lr, accum, global_micro, clock, t, tokens_per_seq, fpt,
-                peak, skipped):
-    """One log record; the only place the loop reads device values (a host sync, once per interval)."""
-    dt = max(t - interval["t"], 1e-9)
-    tok_s = interval["seqs"] * tokens_per_seq / dt
-    u = mfu(tok_s, fpt, peak)
-    good = interval["steps"] - skipped
-    return {"step": state.step, "loss": round(loss_sum.item() / good, 6) if good else None,
-            "grad_norm": round(float(grad_norm), 4), "lr": lr, "batch_size": accum * global_micro,
-            "tokens_per_s": round(tok_s, 1), "mfu": None if u is None else round(u, 4),
-            "skipped_steps": skipped, "data_wait_s": round(interval["wait"], 4),
-            "budget_spent_s": round(clock.elapsed(), 3), "progress": round(clock.progress(), 5),
-            "sequences": state.sequences, "data_position": dataclasses.asdict(state.position)}
-
-
-def _progress_line(opts: RunOptions, rec: dict) -> None:
-    m = "n/a" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
-    loss = "nan" if rec["loss"] is None else f"{rec['loss']:.4f}"
-    _say(opts, f"[{100 * rec['progress']:5.1f}% budget] step {rec['step']:6d}  loss {loss}  "
-               f"lr {rec['lr']:.2e}  batch {rec['batch_size']}  {rec['tokens_per_s'] / 1e3:.1f}k tok/s  "
-               f"MFU {m}  data wait {rec['data_wait_s']:.2f}s" + (f"  skipped {rec['skipped_steps']}"
-                                                                  if rec["skipped_steps"] else ""))

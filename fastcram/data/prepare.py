@@ -25,7 +25,6 @@ This module does not import torch, so `data prepare` and its worker processes st
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import multiprocessing
@@ -42,8 +41,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import DataConfig
-from .errors import UserError
+from ..config import DataConfig
+from ..errors import UserError
+from ..files import atomic_write_bytes, atomic_write_json, sha256_file
 from .sources import Input, ReadError, mix_documents, mix_fraction
 from .tokenizer import (DocumentEncoder, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
                         train_tokenizer, why_not_separable)
@@ -105,27 +105,6 @@ def default_workers() -> int:
 
 
 # ---------------------------------------------------------------- files
-
-def _atomic_write_bytes(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _remove(path: str) -> None:
     try:
@@ -272,7 +251,7 @@ def tokenised(chunks: Iterator[Chunk], tok, sep: int, threshold: float, workers:
 # ---------------------------------------------------------------- writing shards
 
 def _shard_entry(out_dir: str, name: str, blocks: int, seq_len: int) -> dict:
-    return {"file": name, "blocks": blocks, "bytes": blocks * seq_len * 2, "sha256": _sha256(os.path.join(out_dir, name))}
+    return {"file": name, "blocks": blocks, "bytes": blocks * seq_len * 2, "sha256": sha256_file(os.path.join(out_dir, name))}
 
 
 class StreamWriter:
@@ -303,7 +282,7 @@ class StreamWriter:
         blocks = self.fill // self.seq_len
         data = self.buf[:blocks * self.seq_len]
         name = f"{self.prefix}-{self.index:05d}.bin"
-        _atomic_write_bytes(os.path.join(self.out_dir, name), data.tobytes())
+        atomic_write_bytes(os.path.join(self.out_dir, name), data.tobytes())
         entry = _shard_entry(self.out_dir, name, blocks, self.seq_len)
         if self.dot is not None:  # the curriculum's key histogram, so scattering needs no counting pass
             dots = (data.reshape(blocks, self.seq_len) == self.dot).sum(axis=1)
@@ -574,7 +553,7 @@ def _gather_phase(run: _Run) -> None:
             a, z = max(lo, starts[b]), min(hi, ends[b])
             out[a - lo:z - lo] = blocks[a - starts[b]:z - starts[b]]
         name = f"shard-{j:05d}.bin"
-        _atomic_write_bytes(os.path.join(run.out_dir, name), out.tobytes())
+        atomic_write_bytes(os.path.join(run.out_dir, name), out.tobytes())
         done.append(_shard_entry(run.out_dir, name, hi - lo, L))
         run.journal.save()
         _remove_buckets(run, np.flatnonzero(ends <= hi))  # fully written out

@@ -1,13 +1,17 @@
 """Start-up auto-tuning, charged to the budget: the micro-batch size and the ops backend per op."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
 import torch
 
-from .config import ModelConfig
-from .ops import OP_MODULES, OpsError, get_op
+from ..config import ModelConfig, RunOptions, TrainConfig
+from ..data.loader import mask_batch
+from ..observe import runlog
+from ..ops import OP_MODULES, OpsError, get_op
+from .step import build_model, make_step
 
 GPU_MICRO_BATCHES = (32, 64, 128, 256, 512, 1024)
 CPU_MICRO_BATCHES = (8, 16, 32, 64)
@@ -118,7 +122,7 @@ def choose_kernels(cfg: ModelConfig, micro_batch: int, mask_prob: float, device:
     """Per op, the faster of triton and torch on the run's shapes. Returns (choice, timings).
 
     With compile on, the torch side is the compiled reference (what inductor would run in the model)."""
-    from .ops import triton_unavailable_reason
+    from ..ops import triton_unavailable_reason
 
     why = triton_unavailable_reason(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -148,3 +152,39 @@ def choose_kernels(cfg: ModelConfig, micro_batch: int, mask_prob: float, device:
             return f"{v} ms" if isinstance(v, float) else str(v)
         log(f"  {op}: torch {show(row['torch'])}, triton {show(row.get('triton'))} -> {choice[op]}")
     return choice, rows
+
+
+def tune(model_cfg: ModelConfig, tcfg: TrainConfig, opts: RunOptions, device: str, data) -> tuple[dict | None, dict]:
+    """`--kernels auto` and `--micro-batch auto`, before the real model is built; returns (per_op, report)."""
+    report: dict = {}
+    per_op = None
+    t0 = time.perf_counter()
+    say = (lambda m: runlog.say(opts.progress, m))
+    if tcfg.micro_batch_auto:
+        say("auto-tuning the micro-batch (time counts against the budget):")
+        probe = build_model(model_cfg, dataclasses.replace(tcfg, kernels="torch" if tcfg.kernels == "auto"
+                                                           else tcfg.kernels), device)
+        step = make_step(probe, tcfg, device)
+        gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+
+        def make_batch(size):
+            ids = torch.randint(max(data.special.all) + 1, data.vocab_size, (size, data.seq_len), device=device)
+            b = mask_batch(ids, opts.data, data.special, data.vocab_size, gen)
+            return b.input_ids, b.positions, b.labels
+
+        cands = GPU_MICRO_BATCHES if device.startswith("cuda") else CPU_MICRO_BATCHES
+        cands = [c for c in cands if c <= len(data)]
+        best, trials = search_micro_batch(
+            lambda size: measure_step_throughput(step, make_batch, probe, size, data.seq_len, device), cands,
+            log=say)
+        tcfg.micro_batch = best
+        report["micro_batch"] = {"chosen": best, "trials": trials}
+        del probe, step
+        say(f"  -> micro-batch {best}")
+    if tcfg.kernels == "auto":
+        say("timing triton vs torch per op on this run's shapes:")
+        per_op, rows = choose_kernels(model_cfg, tcfg.micro_batch, opts.data.mask_prob, device, tcfg.compile,
+                                         log=say)
+        report["kernels"] = {"chosen": per_op, "timings_ms": rows}
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return per_op, report

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _read_jsonl(path: str) -> list[dict]:

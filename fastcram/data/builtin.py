@@ -1,0 +1,27 @@
+"""The built-in corpus (public-domain prose shipped in corpus/), prepared once into the cache folder."""
+from __future__ import annotations
+
+import os
+
+from ..config import DataConfig
+from .prepare import MANIFEST, _say, prepare
+
+
+def builtin_corpus_path() -> str:
+    return os.path.join(os.path.dirname(__file__), "corpus", "pd_lit.txt.xz")
+
+
+def cache_dir() -> str:
+    return os.environ.get("FASTCRAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastcram")
+
+
+def builtin_data(vocab_size: int, cfg: DataConfig | None = None, progress: bool = True) -> str:
+    """The built-in corpus prepared with a tokenizer of vocab_size; prepared once, then reused."""
+    out = os.path.join(cache_dir(), f"pd_lit-v{vocab_size}")
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        return out
+    _say(progress, f"preparing the built-in corpus once into {out}")
+    cfg = cfg or DataConfig()
+    cfg = DataConfig(**{**cfg.__dict__, "vocab_size": vocab_size})
+    prepare([builtin_corpus_path()], out, cfg, progress=progress)
+    return out

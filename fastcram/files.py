@@ -1,0 +1,31 @@
+"""Files fastcram writes for the user: atomic replacement (temp file, fsync, rename) and content hashes.
+
+A leaf module: it imports nothing else from fastcram, so every subsystem may use it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+
+def atomic_write_bytes(path: str, data) -> None:
+    """Write data to path so that path is either its old content or all of the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

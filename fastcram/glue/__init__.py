@@ -1,0 +1,3 @@
+"""GLUE fine-tuning and scoring of a pretrained run (`fastcram eval glue`): finetune.py drives it, data.py
+reads the tasks, metrics.py scores them. Sits above train (it reuses its checkpoints and model builder).
+"""
