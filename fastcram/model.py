@@ -117,7 +117,8 @@ class CrammedBert(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean MLM cross-entropy over the predicted positions (flat indices into [B * L])."""
         h = self.encode(input_ids)  # [B, L, D]
-        return self.ops.mlm_loss(h.reshape(-1, h.shape[-1]), positions, labels, self.tok_emb.weight)
+        rows = h.reshape(-1, h.shape[-1]).index_select(0, positions)  # [K, D]: only the predicted rows
+        return self.ops.mlm_loss(rows, labels, self.tok_emb.weight)
 
 
 def parameter_breakdown(model: CrammedBert) -> dict[str, int]:

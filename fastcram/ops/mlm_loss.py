@@ -1,9 +1,12 @@
-"""Sparse-prediction MLM loss: gather the masked rows, project onto the tied embedding, cross-entropy.
+"""Sparse-prediction MLM loss: project the predicted rows onto the tied embedding, cross-entropy.
 
-`mlm_loss(hidden [N, D], positions [K], labels [K], weight [V, D]) -> 0-d fp32 loss`, the mean over the K
-predicted rows of `logsumexp(z_k) - z_k[label_k]` with `z_k = weight @ hidden[positions[k]]`. Gradients go
-to `hidden` (zero on rows that are not predicted; repeated positions are HANDLED: their gradients add up,
-through an index_add) and to `weight` (accumulated in fp32, returned in weight's dtype).
+Public: `mlm_loss(rows [K, D], labels [K], weight [V, D]) -> 0-d fp32 loss`, the mean over the K predicted
+rows (gathered by the model) of `logsumexp(z_k) - z_k[label_k]` with `z_k = weight @ rows[k]`. Gradients go
+to `rows` and to `weight` (accumulated in fp32, returned in weight's dtype).
+
+The kernels below still take all hidden states plus `positions` and gather by pointer (the design before the
+model gathered the rows itself); the public function passes positions = arange(K). Internally, repeated
+positions are HANDLED: their gradients add up, through an index_add.
 
 What is fused
 - Forward (`_fwd_kernel`): gathers the K rows by pointer (no [K, D] copy), tiles rows x vocabulary
@@ -64,9 +67,7 @@ __all__ = ["HAVE_TRITON", "IGNORE_INDEX", "mlm_loss_ref", "mlm_loss"]
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index, honoured by both backends
 
 
-def mlm_loss_ref(hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
-                 weight: torch.Tensor) -> torch.Tensor:
-    rows = hidden.index_select(0, positions)  # [K, D]
+def mlm_loss_ref(rows: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     logits = F.linear(rows, weight)  # [K, V]
     return F.cross_entropy(logits.float(), labels, reduction="mean")
 
@@ -434,8 +435,8 @@ torch.library.register_autocast("fastcram::mlm_loss_fwd", "cuda", torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------- public
-def mlm_loss(hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
-             weight: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the rows `hidden[positions]` against `labels` over the tied `weight`."""
-    loss, _ = _mlm_loss_fwd_op(hidden, positions, labels, weight)
+def mlm_loss(rows: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the predicted `rows` [K, D] against `labels` over the tied `weight`."""
+    positions = torch.arange(rows.shape[0], device=rows.device)  # [K]: the rows come gathered
+    loss, _ = _mlm_loss_fwd_op(rows, positions, labels, weight)
     return loss

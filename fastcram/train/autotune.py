@@ -110,9 +110,8 @@ def op_inputs(op: str, cfg: ModelConfig, micro_batch: int, mask_prob: float, dev
         width = cfg.intermediate
         return [t(n, d), (torch.randn(width, d, device=device, dtype=dtype) * 0.02).requires_grad_()]
     if op == "mlm_loss":
-        pos = torch.randperm(n, device=device)[:k]
         labels = torch.randint(0, cfg.vocab_size, (k,), device=device)
-        return [t(n, d), pos, labels, (torch.randn(cfg.vocab_size, d, device=device, dtype=dtype) * 0.02)
+        return [t(k, d), labels, (torch.randn(cfg.vocab_size, d, device=device, dtype=dtype) * 0.02)
                 .requires_grad_()]
     raise ValueError(op)
 
