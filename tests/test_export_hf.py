@@ -34,7 +34,7 @@ from fastcram.config import ModelConfig, RunOptions, TrainConfig, preset  # noqa
 from fastcram.data.builtin import builtin_corpus_path  # noqa: E402
 from fastcram.data.tokenizer import DocumentEncoder  # noqa: E402
 from fastcram.export.hf import ExportOptions, export_hf, reference_model  # noqa: E402
-from fastcram.export.run import read_run  # noqa: E402
+from fastcram.export.run import checkpoint_payload, read_run  # noqa: E402
 from fastcram.files import sha256_file  # noqa: E402
 from fastcram.glue import data as glue_data  # noqa: E402
 from fastcram.glue.finetune import GlueModel, Protocol, encode_split  # noqa: E402
@@ -140,7 +140,7 @@ def test_the_folder_is_self_contained_with_provenance(exported, trained_run, sma
     assert roots <= {"__future__", "math", "torch", "transformers"}, roots
 
     # the weights are the checkpoint's, every one of them, under the base model's prefix
-    state = ckpt.load(os.path.join(trained_run, "checkpoints", "final.pt"))["model"]
+    state = checkpoint_payload(os.path.join(trained_run, "checkpoints", "final.pt"))["model"]
     weights = load_file(os.path.join(exported, "model.safetensors"))
     assert sorted(weights) == sorted("encoder." + k for k in state)
     for k, v in state.items():
@@ -149,7 +149,7 @@ def test_the_folder_is_self_contained_with_provenance(exported, trained_run, sma
 
 def test_a_compiled_models_checkpoint_exports_to_the_same_folder(trained_run, exported, tmp_path):
     """Keys with torch.compile's `_orig_mod.` component give the same bytes as plain keys (through the CLI)."""
-    saved = ckpt.load(os.path.join(trained_run, "checkpoints", "final.pt"))
+    saved = checkpoint_payload(os.path.join(trained_run, "checkpoints", "final.pt"))
     saved["model"] = {f"_orig_mod.{k}": v for k, v in saved["model"].items()}
     compiled = tmp_path / "compiled" / "final.pt"  # the same file name: the config records it
     ckpt.save(str(compiled), saved)
@@ -204,6 +204,16 @@ def fastcram_model_tokenizer(hf_tok):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(os.path.join(hf_tok.name_or_path, "tokenizer.json"))
+
+
+def test_bf16_runs_close_to_fp32(exported, hf_tok, hf_mlm):
+    """Loaded in bf16 (as on a GPU), the model computes in bf16 and stays near its fp32 self."""
+    bf16 = AutoModelForMaskedLM.from_pretrained(exported, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    batch = hf_tok(held_out_texts(3, random.Random()), padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want, got = hf_mlm(**batch).logits, bf16(**batch).logits
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.03 * want.abs().max()
 
 
 def test_base_model_gives_fastcrams_hidden_states(exported, hf_tok, fastcram_model):
@@ -359,6 +369,7 @@ def test_a_moved_data_folder_needs_the_tokenizer_flag(trained_run, small_data, t
     config["data_dir"] = str(tmp_path / "gone")
     (run / "config.json").write_text(json.dumps(config))
     assert "--tokenizer FILE" in _error(capsys, str(run), "--out", str(tmp_path / "a"))
+    (tmp_path / "a").mkdir()  # an empty folder may be the output
     tok = os.path.join(small_data, "tokenizer.json")
     assert main(["export", "hf", str(run), "--out", str(tmp_path / "a"), "--tokenizer", tok, "--quiet"]) == 0
     prov = json.load(open(tmp_path / "a" / "config.json"))["fastcram"]

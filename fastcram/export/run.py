@@ -36,7 +36,7 @@ def _read_json(path: str, what: str) -> dict:
         raise UserError(f"cannot read {what} {path} ({e})") from None
 
 
-def _checkpoint_payload(path: str) -> dict:
+def checkpoint_payload(path: str) -> dict:
     """The one place an export reads a checkpoint file (through the train layer's loader)."""
     try:
         return ckpt.load(path)
@@ -92,7 +92,7 @@ def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None 
                             f"pass --checkpoint FILE")
     elif not os.path.isfile(checkpoint):
         raise UserError(f"--checkpoint {checkpoint} does not exist")
-    payload = _checkpoint_payload(checkpoint)
+    payload = checkpoint_payload(checkpoint)
     state = model_state(payload, checkpoint)
 
     tok_path, manifest_path = _tokenizer_paths(config, tokenizer, run_dir)

@@ -172,7 +172,8 @@ class FastcramModel(FastcramPreTrainedModel):
         BERT-style inputs are accepted and ignored (the model has no segment embeddings)."""
         L = input_ids.shape[1]
         keep = _keep_mask(attention_mask)
-        e = self.tok_emb(input_ids) + self.pos_scale * self.position_table(L, input_ids.device)  # [B, L, D]
+        table = self.position_table(L, input_ids.device).to(self.tok_emb.weight.dtype)  # [L, D]; the model's dtype
+        e = self.tok_emb(input_ids) + self.pos_scale * table  # [B, L, D]
         x = self.emb_drop(self.emb_norm(e))  # the residual stream
         states = [x] if output_hidden_states else None
         for blk in self.blocks:
