@@ -152,6 +152,9 @@ def _check_inputs(rows, labels, weight) -> None:
     devices = {t.device for t in (rows, labels, weight)}
     if len(devices) != 1:
         raise ValueError(f"mlm_loss: all inputs must be on one device; got {sorted(map(str, devices))}")
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        raise ValueError(f"mlm_loss: bf16 needs torch >= 2.8 (cuBLAS GEMMs with an fp32 output, out_dtype); "
+                         f"this is torch {torch.__version__}: upgrade it or use --kernels torch")
     if rows.device.type == "cpu":
         _check_labels_cpu(labels, weight.shape[0])
 
@@ -234,7 +237,7 @@ def _scale_(grad, *tensors) -> None:
     for x in tensors:
         n = x.numel()
         if n:  # an empty [0] stands for a gradient that was not asked for
-            _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](x, s, n, BLOCK=_SCALE_BLOCK)
+            _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](x, s, n, BLOCK=_SCALE_BLOCK, num_warps=8)
 
 
 # ------------------------------------------------------------------------------------------- registration
