@@ -4,15 +4,15 @@ Public: `mlm_loss(rows [K, D], labels [K], weight [V, D]) -> 0-d fp32 loss`, the
 rows (gathered by the model) of `logsumexp(z_k) - z_k[label_k]` with `z_k = weight @ rows[k]`. Gradients go
 to `rows` and to `weight` (accumulated in fp32, returned in each input's dtype).
 
-What is fused: the gradient is formed in the forward. For each chunk of Kc predicted rows (the chunk is
-never the whole K, see Memory):
+What is fused: the gradient is formed in the forward. For each chunk of Kc predicted rows (Kc from the
+memory budget, see Memory):
 1. logits chunk z = rows[c] @ W^T ([Kc, V], compute dtype): torch.mm, i.e. cuBLAS on a GPU;
 2. `_cross_entropy_kernel` (Triton, one program a row, fp32 math): running max and sum of exp over the row,
    lse, the row's loss term lse - z[label]; then, while the row is hot, it writes the logit gradient
    (softmax - onehot) / n_valid OVER THE LOGITS CHUNK IN PLACE;
 3. d_rows[c] = g @ W ([Kc, D]) written straight into its slice of the output (torch.mm, out=);
 4. d_weight += g^T @ rows[c] ([V, D], fp32 accumulation in cuBLAS: addmm with beta = 1; for bf16 inputs
-   the fp32 output dtype of cuBLAS (torch >= 2.8 `out_dtype`) so no bf16 partial is ever rounded).
+   cuBLAS's fp32 output (`out_dtype`, torch >= 2.10 for an fp32 accumulator), so no bf16 partial is rounded).
 The loss is row_loss.sum() / n_valid. What the backward gets is only the incoming scalar: it scales the
 stored d_rows and d_weight in place (`_scale_kernel`, fp32 multiply) and returns them. No logits are
 recomputed.
@@ -54,6 +54,10 @@ Limits
   interpreter) labels are checked and raise ValueError.
 - Backward runs once per forward: a second backward through the same graph (retain_graph=True) raises
   autograd's "modified by an inplace operation" error instead of scaling the gradients twice.
+- The forward op's gradient outputs are internal: the backward scales them in place, which is sound (and
+  compiles; inductor reuses their buffers) because the public function never hands them out. A graph that
+  returned them to its caller could not be partitioned by AOTAutograd, so opcheck's aot_dispatch test is
+  left out for the variants with gradients (tests/test_mlm_loss.py::test_opcheck).
 - Autocast: registered for "cuda" with torch.library.register_autocast, casting rows and weight to bf16,
   which is what F.linear in the reference does under autocast(bfloat16); the weight gradient then comes
   back in bf16 (rounded once from the fp32 accumulator) and autograd casts it to the fp32 parameter's dtype,
@@ -152,9 +156,9 @@ def _check_inputs(rows, labels, weight) -> None:
     devices = {t.device for t in (rows, labels, weight)}
     if len(devices) != 1:
         raise ValueError(f"mlm_loss: all inputs must be on one device; got {sorted(map(str, devices))}")
-    if rows.is_cuda and rows.dtype == torch.bfloat16 and not hasattr(torch.ops.aten.addmm, "dtype_out"):
-        raise ValueError(f"mlm_loss: bf16 needs torch >= 2.8 (cuBLAS GEMMs with an fp32 output, out_dtype); "
-                         f"this is torch {torch.__version__}: upgrade it or use --kernels torch")
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and torch.torch_version.TorchVersion(torch.__version__) < "2.10":
+        raise ValueError(f"mlm_loss: bf16 needs torch >= 2.10 (addmm of bf16 operands into an fp32 accumulator, "
+                         f"out_dtype); this is torch {torch.__version__}: upgrade it or use --kernels torch")
     if rows.device.type == "cpu":
         _check_labels_cpu(labels, weight.shape[0])
 
