@@ -135,7 +135,7 @@ def unfused_dy_bytes(m: int, f: int, elt: int) -> int:
 
 def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
     # CPU: a smoke-sized M, so the torch providers run in seconds (CPU figures say nothing about a GPU)
-    tokens = (1024,) if device == "cpu" else (TOKENS[:1] if quick else TOKENS)
+    tokens = (256,) if device == "cpu" else (TOKENS[:1] if quick else TOKENS)
     elt = torch.empty((), dtype=dtype).element_size()
     out = []
     for kind in ("geglu", "gelu"):
