@@ -35,7 +35,7 @@ from . import metrics as glue_metrics
 from ..config import ModelConfig, TrainConfig, from_dict
 from ..config import positive_float as _positive_float, positive_int as _positive_int
 from ..data.prepare import MANIFEST, TOKENIZER_FILE
-from ..files import atomic_write_json
+from ..files import atomic_write_json, inside
 from ..errors import UserError
 from ..model import CrammedBert
 from ..data.tokenizer import DocumentEncoder, SpecialIds, load_tokenizer, special_ids
@@ -95,12 +95,17 @@ def _tokenizer_path(config: dict, override: str | None) -> str:
         return override
     data_dir = config.get("data_dir") or ""
     name = TOKENIZER_FILE
+    manifest = os.path.join(data_dir, MANIFEST)
     try:
-        with open(os.path.join(data_dir, MANIFEST)) as f:
+        with open(manifest) as f:
             name = json.load(f).get("tokenizer", TOKENIZER_FILE)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass  # no manifest: the default name
-    return os.path.join(data_dir, name)
+    try:
+        return inside(data_dir, name)
+    except ValueError as e:
+        raise UserError(f"{manifest} names a tokenizer that is not in {data_dir} ({e}); pass the run's tokenizer "
+                        f"with --tokenizer FILE") from None
 
 
 def load_run(run_dir: str, tokenizer: str | None = None) -> Pretrained:
