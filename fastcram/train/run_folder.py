@@ -45,17 +45,13 @@ def restore_options(opts: RunOptions, run_dir: str) -> RunOptions:
                                data=from_dict(DataConfig, saved["data"]))
 
 
-def open_checkpoint(run_dir: str, say: Callable[[str], None]) -> dict:
-    """The newest readable checkpoint of a run; an unreadable one is named and the next older one tried."""
+def open_checkpoint(run_dir: str, say: Callable[[str], None], trust: bool = False) -> dict:
+    """The newest usable checkpoint of a run (checkpoint.load_checkpoint: one that fails its checksum or holds
+    more than plain values is named and the next older one tried); exit 2 when none is left."""
     ckpt.cleanup_temp_files(run_dir)
-    paths = ckpt.candidates(run_dir)
-    if not paths:
+    if not ckpt.candidates(run_dir):
         raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again instead")
-    for path in paths:
-        try:
-            state = ckpt.load(path)
-            state["_path"] = path
-            return state
-        except Exception as e:
-            say(f"fastcram: warning: cannot read checkpoint {path} ({e}); trying an older one")
-    raise UserError(f"--resume {run_dir}: no readable checkpoint among {len(paths)}")
+    try:
+        return ckpt.load_checkpoint(run_dir, trust=trust, say=say)
+    except ckpt.CheckpointError as e:
+        raise UserError(f"--resume {run_dir}: {e}") from None
