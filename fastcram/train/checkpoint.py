@@ -143,12 +143,14 @@ def load_checkpoint(path: str, trust: bool = False, say: Callable[[str], None] |
     paths = candidates(path)
     if not paths:
         raise CheckpointError(f"{path} has no checkpoint ({CKPT_DIR}/final.pt or step-*.pt)")
+    if len(paths) == 1:
+        return _load_file(paths[0], trust)
     for p in paths:
         try:
             return _load_file(p, trust)
         except CheckpointError as e:
             say(f"fastcram: warning: {e}; trying an older checkpoint")
-    raise CheckpointError(f"none of the {len(paths)} checkpoint(s) of {path} can be used (each is named above)")
+    raise CheckpointError(f"none of the {len(paths)} checkpoints of {path} can be used (each is named above)")
 
 
 def _load_file(path: str, trust: bool) -> dict:
