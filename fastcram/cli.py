@@ -154,11 +154,15 @@ def _add_tokenizer(sub) -> None:
 
 
 def cmd_tokenizer_train(args) -> int:
+    import os
+
     from .data.sources import find_text_files, iter_documents
     from .data.tokenizer import train_tokenizer
 
     if not 16 <= args.vocab_size <= 65535:
         raise UserError(f"--vocab-size {args.vocab_size}: must be between 16 and 65535")
+    if os.path.exists(args.out):
+        raise UserError(f"--out {args.out} exists; fastcram does not overwrite it: choose another name or delete it")
     files = find_text_files(args.input)
     tok = train_tokenizer(iter_documents(files, DataConfig().doc_chars), args.vocab_size, args.out)
     print(f"wrote {args.out}: vocabulary {tok.get_vocab_size()}", file=sys.stderr)

@@ -162,3 +162,16 @@ def test_inside_accepts_plain_names_only(tmp_path):
     for bad in ["", "/etc/passwd", "../x", "a/../../x", "./x", "a//b", None, 3, "x\0y"]:
         with pytest.raises(ValueError):
             inside(str(tmp_path), bad)
+
+
+def test_train_and_tokenizer_outputs_never_replace_user_files(corpus, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("the user's")
+    (tmp_path / "tok.json").write_text("the user's")
+    before = snapshot(tmp_path)
+    assert main(["train", "--preset", "tiny", "--minutes", "1", "--out", str(mine), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", corpus, "--out", str(tmp_path / "tok.json")]) == 2
+    assert "does not overwrite" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before

@@ -24,6 +24,9 @@ def open_run(opts: RunOptions, check_existing: bool = True) -> tuple[str, bool]:
     run_dir = opts.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{opts.preset}")
     if check_existing and os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UserError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another --out")
+    if check_existing and os.path.isdir(run_dir) and os.listdir(run_dir):  # never write among the user's files
+        raise UserError(f"--out {run_dir} is not empty and holds no run; fastcram writes a run only into a new or "
+                        f"empty folder: choose another --out")
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
