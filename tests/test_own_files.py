@@ -121,6 +121,20 @@ def test_a_crafted_journal_naming_an_outside_file_is_refused(corpus, tmp_path, m
     assert snapshot(tmp_path) == before
 
 
+def test_a_link_among_an_unfinished_prepares_files_is_refused(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    unfinished_in_scatter(corpus, out, monkeypatch)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"the user's" * 1000)
+    bucket = next(f for f in sorted(os.listdir(out)) if f.startswith("bucket-"))
+    os.remove(out / bucket)
+    os.symlink(victim, out / bucket)  # a resume would truncate, then append to, the bucket
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=f"{bucket} is a link"):
+        prepare([corpus], str(out), CFG, progress=False, options=PrepareOptions(workers=1, chunk_chars=20_000))
+    assert snapshot(tmp_path) == before
+
+
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("prepared") / "data")

@@ -367,6 +367,11 @@ class Journal:
             except ValueError as e:
                 raise UserError(f"{path} names a file that is not this prepare's ({e}); fastcram deletes only "
                                 f"files it wrote: delete {out_dir} and prepare again") from None
+        links = sorted(f for f in os.listdir(out_dir) if _OWN_FILE.fullmatch(f)
+                       and os.path.islink(os.path.join(out_dir, f)))
+        if links:  # appending to or truncating a bucket would act on whatever the link points at
+            raise UserError(f"{os.path.join(out_dir, links[0])} is a link, not a file this prepare wrote; delete "
+                            f"{out_dir} and prepare again")
         return state
 
     def save(self) -> None:
