@@ -57,14 +57,16 @@ def naive_vocabulary(word_counts: dict, vocab_size: int, specials, min_frequency
     return vocab
 
 
+@pytest.mark.parametrize("letters", ["abcé", "ab"])
 @pytest.mark.parametrize("min_frequency", [1, 2, 3])
-def test_merges_match_a_naive_reference(min_frequency):
+def test_merges_match_a_naive_reference(min_frequency, letters):
     """Fresh random words over a tiny alphabet: equal counts everywhere, so the tie-breaks are exercised; runs
-    like 'aaaa' test non-overlapping merges; words that merge into the same text test reused ids."""
+    like 'aaaa' and 'abab' test non-overlapping and adjacent merges; words that merge into the same text test
+    reused ids."""
     seed = int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
-    letters = list("abcé")
-    words = {"".join(rng.choice(letters, size=int(rng.integers(1, 9)))): int(rng.integers(1, 6)) for _ in range(70)}
+    words = {"".join(rng.choice(list(letters), size=int(rng.integers(1, 13)))): int(rng.integers(1, 6))
+             for _ in range(70)}
     for vocab_size in (10, int(rng.integers(20, 60)), 500):
         got = learn_vocabulary(words, vocab_size, ["<pad>", "<unk>"], min_frequency)
         want = naive_vocabulary(words, vocab_size, ["<pad>", "<unk>"], min_frequency)

@@ -34,6 +34,32 @@ def _pairs(word: str) -> list[str]:
     return list(map(str.__add__, word[:-1], word[1:]))
 
 
+def _merge(w: str, pair: str, new: str, n: int, pair_count: dict[str, int]) -> str | None:
+    """w with every occurrence of pair (left to right, non-overlapping) replaced by new; the pair counts of a
+    word counted n times updated around each occurrence only. None when w does not hold the pair."""
+    starts = []
+    at = w.find(pair)
+    while at != -1:
+        starts.append(at)
+        at = w.find(pair, at + 2)
+    if not starts:
+        return None
+    merged = w.replace(pair, new)
+    last = len(w) - 2
+    for k, at in enumerate(starts):
+        j = at - k  # where this occurrence sits in merged
+        pair_count[pair] -= n
+        if at > 0:  # the pair on its left: (x, a) becomes (x or new, new)
+            pair_count[w[at - 1] + pair[0]] -= n
+            p = merged[j - 1] + new
+            pair_count[p] = pair_count.get(p, 0) + n
+        if at < last and (k + 1 == len(starts) or starts[k + 1] != at + 2):  # on its right, unless the next
+            pair_count[pair[1] + w[at + 2]] -= n  # occurrence starts there and counts it as its left
+            p = new + merged[j + 1]
+            pair_count[p] = pair_count.get(p, 0) + n
+    return merged
+
+
 def learn_vocabulary(word_counts: Mapping[str, int], vocab_size: int, special_tokens: Iterable[str],
                      min_frequency: int = 2) -> list[str]:
     """The vocabulary as a list of tokens, index = id (see the module docstring for the rules)."""
@@ -90,20 +116,16 @@ def learn_vocabulary(word_counts: Mapping[str, int], vocab_size: int, special_to
         grown: set[str] = set()
         for i in set(where.pop(pair)):
             w = words[i]
-            if pair not in w:
+            merged = _merge(w, pair, new, counts[i], pair_count)
+            if merged is None:  # a stale entry: the word lost the pair to an earlier merge
                 continue
-            n = counts[i]
-            for p in _pairs(w):
-                pair_count[p] -= n
-            w = w.replace(pair, new)
-            for p in _pairs(w):
-                pair_count[p] = pair_count.get(p, 0) + n
+            for p in _pairs(merged):
                 if new in p:  # only pairs with the new symbol appear or grow; the others already list word i
                     if p not in where:
                         where[p] = array("I")
                     where[p].append(i)
                     grown.add(p)
-            words[i] = w
+            words[i] = merged
         del pair_count[pair]
         for p in grown:  # one entry with the full count; lower entries of the same pair go stale
             heapq.heappush(heap, (-pair_count[p], ord(p[0]), ord(p[1])))

@@ -466,7 +466,8 @@ def run_glue(opts: GlueOptions) -> dict:
     pre = load_run(opts.run_dir, opts.tokenizer, opts.trust_checkpoint)
     device, kernels, compile_ = _resolve(opts, pre)
     proto = dataclasses.replace(opts.protocol, max_len=min(opts.protocol.max_len, pre.cfg.seq_len))
-    out_json = opts.out or os.path.join(run_folder_of(opts.run_dir), "glue.json")
+    run_dir = run_folder_of(opts.run_dir)
+    out_json = opts.out or os.path.join(run_dir, "glue.json")
     out_md = os.path.splitext(out_json)[0] + ".md"
 
     # all data first: a bad file in the last task must not surface after hours of fine-tuning
@@ -482,9 +483,9 @@ def run_glue(opts: GlueOptions) -> dict:
         f"{t} {v['train_examples_per_s']:.0f}" for t, v in tasks.items()))
 
     summary = glue_metrics.summarize({t: v["median"] for t, v in tasks.items()})
-    label = os.path.basename(os.path.normpath(run_folder_of(opts.run_dir)))
+    label = os.path.basename(os.path.normpath(run_dir))
     table = glue_metrics.format_table(label, summary)
-    report = {"run_dir": os.path.abspath(run_folder_of(opts.run_dir)), "checkpoint": pre.checkpoint, "kernels": kernels,
+    report = {"run_dir": os.path.abspath(run_dir), "checkpoint": pre.checkpoint, "kernels": kernels,
               "device": device, "compile": compile_, "seeds": opts.seeds, "data": opts.data_dir or glue_data.HF_DATASET,
               "max_examples": opts.max_examples, "protocol": dataclasses.asdict(proto), **summary,
               "tasks": tasks, "table": table}

@@ -16,7 +16,7 @@ unpickling, which can run code: they are refused unless the user vouches for the
 """
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
 import json
 import os
@@ -266,7 +266,8 @@ def cleanup_temp_files(run_dir: str) -> list[str]:
         ckpt = name[:-len(RECORD_SUFFIX)] if name.endswith(RECORD_SUFFIX) else None
         if _TEMP_NAME.fullmatch(name) or (ckpt and (ckpt == FINAL or _STEP_NAME.fullmatch(ckpt))
                                            and not os.path.exists(os.path.join(folder, ckpt))):
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):  # every rank of a resumed run cleans up
+                os.remove(path)
             stale.append(path)
     return stale
 
