@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 
 from .config import PRESETS, DataConfig, RunOptions, TrainConfig, preset
-from .config import positive_float as _positive_float, positive_int as _positive_int
+from .config import non_negative_int as _non_negative_int, positive_float as _positive_float
+from .config import positive_int as _positive_int
 from .errors import UserError
+from .files import WriteError, check_output_file, is_write_error, os_error_text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -71,7 +74,7 @@ def _add_train(sub) -> None:
     p.add_argument("--max-bad-steps", type=_positive_int("--max-bad-steps"),
                    help="stop after this many consecutive non-finite steps (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
 
 def _launch_torchrun(n: int) -> int:
@@ -107,6 +110,10 @@ def cmd_train(args) -> int:
 
     if args.gpus > 1 and "RANK" not in os.environ:
         return _launch_torchrun(args.gpus)
+    ignored = _ignored_on_resume(args) if args.resume else []
+    if ignored:
+        print(f"fastcram: --resume continues {args.resume} with its saved configuration; ignored: "
+              f"{', '.join(ignored)} (a resumed run takes only {', '.join(RESUME_FLAGS)})", file=sys.stderr)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     name = args.preset or ("crammed-bert" if gpu else "tiny")
     if not args.preset and not args.resume:
@@ -143,6 +150,23 @@ def cmd_train(args) -> int:
     return train(opts)["exit_code"]
 
 
+# what a resumed run takes from the command line; every other flag comes from the run's saved configuration
+RESUME_FLAGS = ("--hours/--minutes", "--max-steps", "--lr", "--trust-checkpoint", "--peak-tflops", "--gpus", "--quiet")
+_RESUME_DESTS = {"hours", "minutes", "max_steps", "lr", "trust_checkpoint", "peak_tflops", "gpus", "quiet", "resume",
+                 "func", "parser", "command"}
+
+
+def _ignored_on_resume(args) -> list[str]:
+    """The flags given with --resume that the saved configuration overrides, as `--flag value`."""
+    out = []
+    for dest, value in vars(args).items():
+        if dest in _RESUME_DESTS or value == args.parser.get_default(dest):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        out.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}")
+    return out
+
+
 def _add_tokenizer(sub) -> None:
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_cmd", required=True)
@@ -154,17 +178,17 @@ def _add_tokenizer(sub) -> None:
 
 
 def cmd_tokenizer_train(args) -> int:
-    import os
-
     from .data.sources import find_text_files, iter_documents
-    from .data.tokenizer import train_tokenizer
+    from .data.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
     if not 16 <= args.vocab_size <= 65535:
         raise UserError(f"--vocab-size {args.vocab_size}: must be between 16 and 65535")
-    if os.path.exists(args.out):
-        raise UserError(f"--out {args.out} exists; fastcram does not overwrite it: choose another name or delete it")
+    check_output_file(args.out, "--out", may_exist=False, example="tokenizer.json")
     files = find_text_files(args.input)
-    tok = train_tokenizer(iter_documents(files, DataConfig().doc_chars), args.vocab_size, args.out)
+    tok = train_tokenizer(iter_documents(files, DataConfig().doc_chars), args.vocab_size)
+    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise UserError(f"--input {' '.join(args.input)} holds no text to train a tokenizer on; pass files with text")
+    save_tokenizer(tok, args.out)
     print(f"wrote {args.out}: vocabulary {tok.get_vocab_size()}", file=sys.stderr)
     return 0
 
@@ -222,7 +246,8 @@ def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="a short profiled training session: where each millisecond of a step goes")
     p.add_argument("--preset", choices=list(PRESETS), help="default: crammed-bert with a GPU, tiny without")
     p.add_argument("--steps", type=_positive_int("--steps"), default=5, help="profiled optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="steps before the window (compilation, caches)")
+    p.add_argument("--warmup", type=_non_negative_int("--warmup"), default=3,
+                   help="steps before the window (compilation, caches)")
     p.add_argument("--kernels", choices=["torch", "triton"], default="torch")
     p.add_argument("--micro-batch", type=_positive_int("--micro-batch"))
     p.add_argument("--data", help="prepared data folder (default: the built-in corpus)")
@@ -303,12 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with one line for malformed flags
     try:
+        parser = build_parser()  # imports torch: Ctrl-C may come here already
+        args = parser.parse_args(argv)  # argparse itself exits 2 with one line for malformed flags
         return args.func(args)
-    except UserError as e:
+    except (UserError, WriteError) as e:  # bad input, or an output that cannot be written: one line, exit 2
         print(f"fastcram: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not (is_write_error(e) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and e.filename):
+            raise
+        print(f"fastcram: error: cannot write {e.filename}: {os_error_text(e)}; free disk space there or choose "
+              f"another place", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastcram: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -79,6 +80,7 @@ class TrainConfig:
     deterministic: bool = False  # bit-identical reruns on CPU: schedules follow step / max_steps
     verify_data: bool = False  # checksum every shard at start (default: a sample of 2)
     stop_on_checkpoint_error: bool = False  # default: report a failed checkpoint write and train on
+    unsaved_limit: float = 0.1  # share of the budget a run may go without a checkpoint written; past it, it stops
     max_bad_steps: int = 20  # consecutive non-finite steps (seen at a log interval) that stop the run
     fault_nan_steps: tuple = ()  # fault injection for tests: make these steps' loss NaN
     max_steps: int | None = None  # stop after this many optimizer steps even if budget remains (tests, profiling)
@@ -154,7 +156,19 @@ def positive_float(flag: str):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} needs a number, got {s!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite positive number, got {s}")
+        return v
+    return parse
+
+
+def non_negative_int(flag: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be 0 or more, got {s}")
         return v
     return parse

@@ -3,11 +3,17 @@
 Shards hold whole 128-token blocks (written by prepare.py: documents tokenised, joined with <sep> and cut into
 blocks, no padding). This module memory-maps them, orders them for training (two-level shuffle), prefetches
 on a thread and masks batches with a fixed number of predicted tokens per sequence.
+
+Every shard is verified before its first use (SHA-256 against the manifest, token ids inside the vocabulary):
+on the loader's thread, ahead of time while the prefetch queue is full, so the training loop does not wait for
+it. A shard that fails is a ShardError naming it; it is never skipped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import queue
 import threading
 import time
@@ -19,11 +25,39 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import inside, sha256_file
+from ..files import inside
 from .prepare import MANIFEST, TOKENIZER_FILE
 from .tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_hash
 
 # ---------------------------------------------------------------- reading shards
+
+class ShardError(UserError):
+    """A shard that does not hold what its manifest says (checksum, token ids); the message names the file."""
+
+
+def _manifest_shards(manifest: dict, path: str, data_dir: str) -> tuple[int, list[dict]]:
+    """(seq_len, shard entries) of a manifest, every field checked; UserError naming what is wrong."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path} {what}; prepare the data again (fastcram data prepare --out {data_dir})")
+
+    seq_len, shards = manifest.get("seq_len"), manifest.get("shards")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise bad(f"gives seq_len {seq_len!r}; it must be a positive whole number")
+    if not isinstance(shards, list):
+        raise bad("has no list of shards")
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict):
+            raise bad(f"has a shard entry that is not an object (entry {i})")
+        name = s.get("file", f"entry {i}")
+        blocks, size, sha = s.get("blocks"), s.get("bytes"), s.get("sha256")
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+            raise bad(f"gives shard {name} {blocks!r} blocks; it must be a positive whole number")
+        if size != blocks * seq_len * 2:
+            raise bad(f"gives shard {name} {size!r} bytes, not its {blocks} blocks of {seq_len} uint16 tokens")
+        if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise bad(f"has no SHA-256 checksum of shard {name}, so it cannot be verified")
+    return seq_len, shards
+
 
 class BlockDataset:
     """The prepared blocks of a data folder, memory-mapped: [total_blocks, seq_len] uint16.
@@ -40,13 +74,14 @@ class BlockDataset:
             raise UserError(f"{data_dir} has no {MANIFEST}: not a prepared corpus (or an unfinished one); "
                             f"run `fastcram data prepare --out {data_dir}`")
         try:
-            with open(path) as f:
-                self.manifest = json.load(f)
-            self.seq_len = int(self.manifest["seq_len"])
-            shards = self.manifest["shards"]
-            self.shard_blocks = np.array([int(s["blocks"]) for s in shards], dtype=np.int64)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            with open(path, "rb") as f:
+                self.manifest = json.loads(f.read().decode("utf-8"))
+            if not isinstance(self.manifest, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
             raise UserError(f"{path} is not a valid fastcram manifest ({e}); prepare the data again") from None
+        self.seq_len, shards = _manifest_shards(self.manifest, path, data_dir)
+        self.shard_blocks = np.array([s["blocks"] for s in shards], dtype=np.int64)
         try:  # a manifest names files relative to its folder; nothing outside it is read
             self.shard_files = [inside(data_dir, s["file"]) for s in shards]
             self.tokenizer_path = inside(data_dir, self.manifest.get("tokenizer", TOKENIZER_FILE))
@@ -72,28 +107,64 @@ class BlockDataset:
         self.total_blocks = int(self.starts[-1])
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
         self._lock = threading.Lock()
+        self._verified: set[int] = set()
+        self._failed: dict[int, ShardError] = {}
+        self._verify_lock = threading.Lock()
 
-    def verify(self, sample: int | None = 2, seed: int | None = None) -> list[str]:
-        """Check shard checksums against the manifest: `sample` random shards, or all when None.
+    def verify(self, sample: int | None = None, seed: int | None = None) -> list[str]:
+        """Verify shards now (verify_shard): all of them, or `sample` random ones. Returns the files checked."""
+        which = range(len(self.shard_files))
+        if sample is not None and sample < len(which):
+            which = sorted(np.random.default_rng(seed).choice(len(which), sample, replace=False))
+        for i in which:
+            self.verify_shard(int(i))
+        return [self.manifest["shards"][i]["file"] for i in which]
 
-        Sizes were already checked on open. Returns the files checked; a mismatch is a UserError naming it.
-        """
-        entries = self.manifest["shards"]
-        if sample is not None and sample < len(entries):
-            rng = np.random.default_rng(seed)
-            entries = [entries[i] for i in sorted(rng.choice(len(entries), sample, replace=False))]
-        for s in entries:
-            path = inside(self.dir, s["file"])
-            if sha256_file(path) != s["sha256"]:
-                raise UserError(f"shard {path} is corrupt (its checksum differs from {MANIFEST}); prepare the data "
-                                f"again or restore the file")
-        return [s["file"] for s in entries]
+    def is_verified(self, i: int) -> bool:
+        return i in self._verified
+
+    def verify_shard(self, i: int) -> None:
+        """Shard i's SHA-256 equals the manifest's and its token ids are inside the vocabulary, or ShardError
+        naming the file. Each shard is read once (one pass for both checks); later calls return at once."""
+        if i in self._verified:
+            return
+        with self._verify_lock:
+            if i in self._verified:
+                return
+            if i in self._failed:
+                raise self._failed[i]
+            try:
+                self._verify_now(i)
+            except ShardError as e:
+                self._failed[i] = e
+                raise
+            self._verified.add(i)
+
+    def _verify_now(self, i: int) -> None:
+        path, entry = self.shard_files[i], self.manifest["shards"][i]
+        sha, top = hashlib.sha256(), 0
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    sha.update(chunk)
+                    ids = np.frombuffer(chunk, dtype=np.uint16, count=len(chunk) // 2)
+                    top = max(top, int(ids.max())) if len(ids) else top
+        except OSError as e:
+            raise ShardError(f"shard {path} cannot be read ({e.strerror or e}); restore the file or prepare the "
+                             f"data again") from None
+        if sha.hexdigest() != entry["sha256"]:
+            raise ShardError(f"shard {path} is corrupt (its checksum differs from {MANIFEST}); prepare the data "
+                             f"again or restore the file")
+        if top >= self.vocab_size:
+            raise ShardError(f"shard {path} holds token id {top}, outside the {self.vocab_size}-token vocabulary of "
+                             f"{self.tokenizer_path}; prepare the data again")
 
     def __len__(self) -> int:
         return self.total_blocks
 
     def shard(self, i: int) -> np.memmap:
-        """Shard i mapped read-only: [blocks, seq_len] uint16."""
+        """Shard i mapped read-only: [blocks, seq_len] uint16; verified before its first use."""
+        self.verify_shard(i)
         with self._lock:
             m = self._maps.get(i)
             if m is None:
@@ -153,6 +224,16 @@ class EpochOrder:
             self._cached = (w, np.random.default_rng([self.seed, self.epoch, w]).permutation(blocks))
         return self._cached[1]
 
+    def ranges_ahead(self, start: int) -> list[tuple[int, int]]:
+        """Ranges [lo, hi) of global block indices that positions from `start` on will read next: the chunks of
+        the current and the next window (as read in order: the next two windows' worth of blocks)."""
+        span = self.chunk_blocks * (len(self.windows[0]) if self.shuffle and self.windows else WINDOW_CHUNKS)
+        if not self.shuffle:
+            return [(start, min(self.n, start + 2 * span))] if start < self.n else []
+        w = int(np.searchsorted(self.window_starts, start, side="right")) - 1
+        chunks = [c for window in self.windows[max(w, 0):w + 2] for c in window]
+        return [(int(c) * self.chunk_blocks, int(c) * self.chunk_blocks + self._chunk_size(int(c))) for c in chunks]
+
     def take(self, start: int, count: int) -> np.ndarray:
         """Positions [start, start + count) of this epoch's order: global block indices, int64."""
         if not 0 <= start <= start + count <= self.n:
@@ -195,6 +276,7 @@ class BlockLoader:
         self.shuffle = data.order != "curriculum" if shuffle is None else shuffle
         self.position = position or DataPosition()  # of the next batch handed to the caller
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._ahead: tuple[EpochOrder, int] | None = None  # (order, cursor) being produced: what to verify next
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(DataPosition(**self.position.__dict__),),
                                         daemon=True)
@@ -210,8 +292,9 @@ class BlockLoader:
                 if pos.cursor + self.micro_batch > len(self.data):
                     pos = DataPosition(pos.epoch + 1, 0)
                     order = self._order(pos.epoch)
+                self._ahead = (order, pos.cursor)
                 idx = order.take(pos.cursor, self.micro_batch)
-                batch = torch.from_numpy(self.data.gather(idx).astype(np.int64))  # [B, L]
+                batch = torch.from_numpy(self.data.gather(idx).astype(np.int64))  # [B, L] (shards verified first)
                 if self.pin:
                     batch = batch.pin_memory()
                 pos = DataPosition(pos.epoch, pos.cursor + self.micro_batch)
@@ -225,7 +308,25 @@ class BlockLoader:
                 self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
-                continue
+                self._verify_ahead()
+
+    def _verify_ahead(self) -> None:
+        """While the queue is full: verify one shard that the next batches will read, so that a batch rarely
+        waits for a checksum. A shard that fails is left for gather() to raise in order."""
+        if self._ahead is None:
+            return
+        order, cursor = self._ahead
+        starts = self.data.starts
+        for lo, hi in order.ranges_ahead(cursor):
+            first = int(np.searchsorted(starts, lo, side="right")) - 1
+            last = int(np.searchsorted(starts, hi - 1, side="right")) - 1
+            for i in range(first, last + 1):
+                if not self.data.is_verified(i):
+                    try:
+                        self.data.verify_shard(i)
+                    except ShardError:
+                        self._ahead = None  # gather() raises it when the data gets there
+                    return
 
     def next(self) -> tuple[torch.Tensor, float]:
         """The next micro-batch [B, L] int64 (host) and the seconds spent waiting for it."""

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import math
 import sys
 import time
+from typing import Callable
 
+from ..files import JsonlAppender, WriteError
 from .metrics import mfu
 
 
@@ -16,20 +17,39 @@ def say(on: bool, msg: str) -> None:
 
 
 class RunLog:
-    """Append-only JSONL: one record per log interval, flushed so a crash loses at most one line."""
+    """Append-only JSONL: one record per log interval, each a whole line, fsynced so a crash loses at most the
+    record being written.
 
-    def __init__(self, path: str):
+    Opening repairs a last line cut by a crash (the bytes removed are recorded). A record that cannot be
+    written (a full disk) never stops the run: the file is left as it was before the record (files.JsonlAppender),
+    the failure is reported through `warn` once until a write succeeds again, and the next record that is
+    written says how many were lost ("log-gap"). Opening raises WriteError when the file cannot be created."""
+
+    def __init__(self, path: str, warn: Callable[[str], None] | None = None):
         self.path = path
-        self._f = open(path, "a", buffering=1)
+        self.warn = warn or (lambda msg: say(True, msg))
+        self._out = JsonlAppender(path, sync=True)
+        self.lost = 0  # records not written since the last one that was
+        if self._out.repaired_bytes:
+            self.write({"event": "log-repaired", "removed_bytes": self._out.repaired_bytes,
+                        "note": "the last line was cut by a crash or a full disk and was removed"})
 
     def write(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            if self.lost:
+                self._out.append({"time": record["time"], "event": "log-gap", "lost_records": self.lost})
+                self.warn(f"fastcram: run log {self.path} is written again ({self.lost} record(s) were lost)")
+                self.lost = 0
+            self._out.append(record)
+        except WriteError as e:
+            if not self.lost:
+                self.warn(f"fastcram: run log: {e}; training goes on, log records are lost until it can be "
+                          f"written again")
+            self.lost += 1
 
     def close(self) -> None:
-        self._f.close()
+        self._out.close()
 
 
 class NullLog:
@@ -49,8 +69,9 @@ def log_record(state, interval, loss_sum, grad_norm, lr, accum, global_micro, cl
     tok_s = interval["seqs"] * tokens_per_seq / dt
     u = mfu(tok_s, fpt, peak)
     good = interval["steps"] - skipped
+    norm = float(grad_norm)
     return {"step": state.step, "loss": round(loss_sum.item() / good, 6) if good else None,
-            "grad_norm": round(float(grad_norm), 4), "lr": lr, "batch_size": accum * global_micro,
+            "grad_norm": round(norm, 4) if math.isfinite(norm) else None, "lr": lr, "batch_size": accum * global_micro,
             "tokens_per_s": round(tok_s, 1), "mfu": None if u is None else round(u, 4),
             "skipped_steps": skipped, "data_wait_s": round(interval["wait"], 4),
             "budget_spent_s": round(clock.elapsed(), 3), "progress": round(clock.progress(), 5),

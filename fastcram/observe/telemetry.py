@@ -5,10 +5,11 @@ once and writes no file; the run summary then records why telemetry is absent.
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
+
+from ..files import JsonlAppender, WriteError
 
 # NVML clock-event (throttle) reason bits, named as in nvml.h
 THROTTLE_REASONS = {
@@ -56,7 +57,8 @@ class TelemetrySampler:
         self._nvml = nvml
         self._handle = nvml.nvmlDeviceGetHandleByIndex(self.index)
         self._energy0 = self._energy_mj()
-        self._file = open(self.path, "a", buffering=1)
+        self._file = JsonlAppender(self.path, sync=False)  # WriteError when it cannot even be created
+        self._failing = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="fastcram-telemetry")
         self._thread.start()
         return self
@@ -99,7 +101,20 @@ class TelemetrySampler:
             except Exception as e:  # never let telemetry take the run down
                 rec = {"time": round(time.time(), 3), "error": repr(e)}
             self.samples.append(rec)
-            self._file.write(json.dumps(rec) + "\n")
+            self._append(rec)
+
+    def _append(self, rec: dict) -> None:
+        """A sample that cannot be written (a full disk) is kept for the summary and reported once until a write
+        succeeds again: telemetry never stops a run."""
+        try:
+            self._file.append(rec)
+        except WriteError as e:
+            if not self._failing:
+                print(f"fastcram: telemetry: {e}; samples are kept in memory for the summary until it can be "
+                      f"written again", file=sys.stderr, flush=True)
+            self._failing = True
+            return
+        self._failing = False
 
     def stop(self) -> None:
         if self._thread is not None:

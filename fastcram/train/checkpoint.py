@@ -9,7 +9,10 @@ Writes are atomic: the payload goes to a temp file (hashed as it is written), is
 atomically, then the payload is renamed into place. A write killed at any moment leaves either no NAME.pt or a
 complete one; a NAME.pt whose record is older (an overwritten final.pt, killed between the two renames) fails
 its checksum and is passed over like a damaged file. Temp files and records without their checkpoint are
-removed when a run resumes.
+removed when a run resumes. A write that fails (a full disk) is a WriteError naming the file and the cause
+(ENOSPC) and leaves nothing behind. A state whose weights are not finite is never written: it would replace
+the last finite checkpoint. Pruning keeps the newest checkpoints that verify against their records; one that
+fails its checksum is not counted, so the newest good checkpoint is never pruned.
 
 Version-1 checkpoints (written before this format: no record, numpy RNG state as an array) need full
 unpickling, which can run code: they are refused unless the user vouches for the file (--trust-checkpoint).
@@ -31,7 +34,7 @@ import torch
 
 from ..data.loader import DataPosition
 from ..errors import UserError
-from ..files import atomic_write_json, sha256_stream
+from ..files import WriteError, as_write_error, atomic_write_json, fsync_folder, sha256_stream
 
 FORMAT = 2
 CKPT_DIR = "checkpoints"
@@ -40,6 +43,9 @@ RECORD_SUFFIX = ".sha256.json"  # NAME.pt -> NAME.pt.sha256.json
 TRUST_FLAG = "--trust-checkpoint"
 _STEP_NAME = re.compile(r"step-(\d+)\.pt")
 _TEMP_NAME = re.compile(r"(?:step-\d+|final)\.pt(?:\.sha256\.json)?\.tmp\d+")  # what a killed write leaves
+# what `fastcram train --resume` needs from a checkpoint (eval and export need only the model)
+TRAINING_KEYS = ("model", "optimizer", "step", "micro_steps", "sequences", "position", "elapsed_s", "config", "rng",
+                 "ops")
 
 
 class CheckpointError(UserError):
@@ -79,15 +85,21 @@ def set_rng_state(state: dict, mask_gen: torch.Generator) -> None:
 
 class _HashingWriter:
     """A write-only file that hashes what passes through. It has no seek: a serialiser that needed one would
-    fail loudly rather than leave a checksum of other bytes."""
+    fail loudly rather than leave a checksum of other bytes. torch.save turns a failing write into a
+    RuntimeError without its errno, so the OSError is kept here for the message."""
 
     def __init__(self, f):
         self.f, self.name, self.sha, self.size = f, f.name, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -97,34 +109,61 @@ def record_path(path: str) -> str:
     return path + RECORD_SUFFIX
 
 
-def save(path: str, payload: dict) -> None:
-    """Write payload (plus its format number) to path atomically, with its record beside it."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+def save(path: str, payload: dict) -> dict:
+    """Write payload (plus its format number) to path atomically, with its record beside it; returns the record.
+    WriteError (naming the file and the cause, e.g. ENOSPC) when it cannot be written; nothing is left then."""
+    tmp, out, written = f"{path}.tmp{os.getpid()}", None, False
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             out = _HashingWriter(f)
             torch.save({**payload, "format": FORMAT}, out)
             f.flush()
             os.fsync(f.fileno())
-        atomic_write_json(record_path(path), {"format": FORMAT, "file": os.path.basename(path),
-                                              "step": payload.get("step"), "bytes": out.size,
-                                              "sha256": out.sha.hexdigest()})
+        record = {"format": FORMAT, "file": os.path.basename(path), "step": payload.get("step"), "bytes": out.size,
+                  "sha256": out.sha.hexdigest()}
+        atomic_write_json(record_path(path), record)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        written = True
+        fsync_folder(os.path.dirname(path))  # make the renames themselves durable
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not written and not os.path.exists(path):  # a record without its checkpoint would be stale
+            with contextlib.suppress(OSError):
+                os.remove(record_path(path))
+        if isinstance(e, OSError):
+            raise as_write_error(path, e) from None
+        if isinstance(e, RuntimeError) and out is not None and out.error is not None:
+            raise WriteError(path, out.error) from None
         raise
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the renames themselves durable
-    finally:
-        os.close(dir_fd)
+    return record
+
+
+def nonfinite(payload: dict) -> str | None:
+    """The name of the first model weight or optimizer state that holds NaN or inf, or None when all are finite.
+    Runs on the host copy, on the writer's thread."""
+    def tensors(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(f"{prefix}.{i}", v)
+
+    for part in ("model", "optimizer"):
+        for name, t in tensors(part, payload.get(part)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+    return None
 
 
 # ---------------------------------------------------------------- the one loader
 
-def load_checkpoint(path: str, trust: bool = False, say: Callable[[str], None] | None = None) -> dict:
+def load_checkpoint(path: str, trust: bool = False, say: Callable[[str], None] | None = None,
+                    require: tuple[str, ...] = ("model",)) -> dict:
     """The payload of a checkpoint, checked; `path` is a checkpoint file or a run folder. The payload's "_path"
     says which file it came from.
 
@@ -134,26 +173,29 @@ def load_checkpoint(path: str, trust: bool = False, say: Callable[[str], None] |
     first (by the step their records give; final.pt first on a tie); each that fails is named through `say`
     (default: stderr) and the next older one tried; CheckpointError when none is left.
 
+    The payload must hold the `require`d entries (a dict of tensors under "model") and finite weights; a
+    checkpoint that lacks them, or holds NaN or inf, fails like a damaged one.
+
     trust=True (--trust-checkpoint): a file without a record, or holding more than plain values (a version-1
     checkpoint), is read by full unpickling, which can run code: only for files the user vouches for. A wrong
     size or checksum is refused even then."""
     if not os.path.isdir(path):
-        return _load_file(path, trust)
+        return _load_file(path, trust, require)
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     paths = candidates(path)
     if not paths:
         raise CheckpointError(f"{path} has no checkpoint ({CKPT_DIR}/final.pt or step-*.pt)")
     if len(paths) == 1:
-        return _load_file(paths[0], trust)
+        return _load_file(paths[0], trust, require)
     for p in paths:
         try:
-            return _load_file(p, trust)
+            return _load_file(p, trust, require)
         except CheckpointError as e:
             say(f"fastcram: warning: {e}; trying an older checkpoint")
     raise CheckpointError(f"none of the {len(paths)} checkpoints of {path} can be used (each is named above)")
 
 
-def _load_file(path: str, trust: bool) -> dict:
+def _load_file(path: str, trust: bool, require: tuple[str, ...] = ("model",)) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     record = read_record(path)
@@ -186,6 +228,19 @@ def _load_file(path: str, trust: bool) -> dict:
     if not isinstance(payload, dict) or not (payload.get("format") == FORMAT or trust):
         what = payload.get("format", 1) if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {path} is format {what}; this fastcram reads format {FORMAT}")
+    missing = [k for k in require if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(repr(k) for k in missing)}: it is not a "
+                              f"checkpoint `fastcram train` wrote (or not a whole one)")
+    model = payload.get("model")
+    if "model" in require and not (isinstance(model, dict) and model
+                                   and all(isinstance(v, torch.Tensor) for v in model.values())):
+        raise CheckpointError(f"checkpoint {path} holds no model weights (its 'model' is not a state_dict of "
+                              f"tensors): it is not a checkpoint `fastcram train` wrote")
+    bad = nonfinite({"model": model}) if "model" in require else None
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN or inf in {bad}): it was written "
+                              f"after training diverged or the file was changed")
     payload["_path"] = path
     return payload
 
@@ -250,10 +305,57 @@ def _remove_checkpoint(path: str) -> None:
         os.remove(record_path(path))
 
 
-def prune(run_dir: str, keep: int) -> None:
-    """Keep the newest `keep` periodic checkpoints (final.pt is never pruned)."""
-    for p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        _remove_checkpoint(p)
+class Verified:
+    """Which checkpoint files match their records (size and SHA-256), remembered by inode, size and change time,
+    so a file is hashed once and again only when something changed it."""
+
+    def __init__(self):
+        self._known: dict[str, tuple] = {}
+
+    @staticmethod
+    def _key(path: str) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def remember(self, path: str) -> None:
+        """path was just written and hashed as it was written."""
+        self._known[path] = self._key(path)
+
+    def ok(self, path: str) -> bool:
+        key = self._key(path)
+        if key is None:
+            return False
+        if self._known.get(path) == key:
+            return True
+        try:
+            record = read_record(path)
+            if record is None or record["bytes"] != key[1]:
+                return False
+            with open(path, "rb") as f:
+                good = sha256_stream(f) == record["sha256"]
+        except (CheckpointError, OSError):
+            return False
+        if good:
+            self._known[path] = key
+        return good
+
+
+def prune(run_dir: str, keep: int, verified: Verified | None = None) -> list[str]:
+    """Keep the newest `keep` (at least 1) periodic checkpoints that verify against their records and remove the
+    periodic ones older than those; returns the removed paths. A checkpoint that fails its checksum is not
+    counted, so the newest good one is never removed because damaged ones are newer. final.pt is never pruned."""
+    verified = verified or Verified()
+    good, removed = 0, []
+    for path in reversed(list_checkpoints(run_dir)):
+        if good >= max(keep, 1):
+            _remove_checkpoint(path)
+            removed.append(path)
+        elif verified.ok(path):
+            good += 1
+    return removed
 
 
 def cleanup_temp_files(run_dir: str) -> list[str]:
@@ -287,14 +389,17 @@ class AsyncCheckpointer:
     """Writes checkpoints on a background thread; training waits only for the copy to host memory.
 
     One write is in flight at a time (a new request first waits for the previous one). Failures (a full disk,
-    an unwritable folder) are reported through `results()`, never raised into the training loop; the previous
-    checkpoint stays intact because every write is atomic.
+    an unwritable folder) are reported through `results()`, never raised into the training loop; every write is
+    atomic, so the checkpoints already written stay intact. A state whose weights are not finite is not written
+    (its record says "nonfinite"). After a write, older periodic checkpoints are pruned (prune: only verified
+    ones count).
     """
 
     def __init__(self, run_dir: str, keep: int):
         import threading
 
         self.run_dir, self.keep = run_dir, keep
+        self.verified = Verified()
         self._threading = threading
         self._thread = None
         self._done: list[dict] = []
@@ -311,14 +416,24 @@ class AsyncCheckpointer:
 
         def write():
             t1 = time.perf_counter()
-            rec = {"event": "checkpoint", "step": step, "path": path, "copy_s": round(copy_s, 4)}
+            rec = {"event": "checkpoint", "step": step, "path": path, "copy_s": round(copy_s, 4),
+                   "budget_spent_s": host.get("elapsed_s")}
             try:
-                save(path, host)
-                if os.path.basename(path) != FINAL:
-                    prune(self.run_dir, self.keep)
-                rec["write_s"] = round(time.perf_counter() - t1, 4)
+                bad = nonfinite(host)
+                if bad:
+                    rec.update(nonfinite=True, error=f"not written: the weights are not finite (NaN or inf in {bad}), "
+                                                     f"and it would replace the last finite checkpoint")
+                else:
+                    save(path, host)
+                    self.verified.remember(path)
+                    rec["write_s"] = round(time.perf_counter() - t1, 4)
             except Exception as e:  # reported, not raised: training goes on
-                rec["error"] = f"{e.__class__.__name__}: {e}"
+                rec["error"] = str(e) if isinstance(e, WriteError) else f"{e.__class__.__name__}: {e}"
+            if "write_s" in rec and os.path.basename(path) != FINAL:
+                try:
+                    rec["pruned"] = [os.path.basename(p) for p in prune(self.run_dir, self.keep, self.verified)]
+                except OSError as e:  # the new checkpoint is written all the same
+                    rec["prune_error"] = f"{e.__class__.__name__}: {e}"
             with self._lock:
                 self._done.append(rec)
 
@@ -349,8 +464,14 @@ class LoopState:
 
 
 def restore_state(saved: dict, model, optimizer, mask_gen: torch.Generator) -> LoopState:
-    """Load a checkpoint's model, optimizer and RNG states; return the loop counters and data position."""
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"], mask_gen)
-    return LoopState(saved["step"], saved["micro_steps"], saved["sequences"], DataPosition(**saved["position"]))
+    """Load a checkpoint's model, optimizer and RNG states; return the loop counters and data position. A
+    checkpoint whose entries do not fit this run is a CheckpointError naming it."""
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"], mask_gen)
+        return LoopState(int(saved["step"]), int(saved["micro_steps"]), int(saved["sequences"]),
+                         DataPosition(**saved["position"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {saved.get('_path')} does not fit this run ({type(e).__name__}: "
+                              f"{_first_line(e)}); resume from another checkpoint or start a new run") from None

@@ -18,9 +18,9 @@ import torch
 
 from ..config import RunOptions, preset, to_dict
 from ..data.builtin import builtin_data
-from ..data.loader import BlockDataset, BlockLoader, mask_batch
+from ..data.loader import BlockDataset, BlockLoader, ShardError, mask_batch
 from ..errors import UserError
-from ..files import atomic_write_json
+from ..files import WriteError, atomic_write_json
 from ..observe.env_info import environment
 from ..observe.metrics import flops_per_token, peak_tflops
 from ..observe.profiling import ProfileWindow, format_breakdown, parse_window
@@ -29,7 +29,7 @@ from ..observe.telemetry import TelemetrySampler
 from . import checkpoint as ckpt
 from .autotune import tune
 from .distributed import DistContext, agree, init_from_env, mean_across, rank_slice, shutdown
-from .run_folder import open_checkpoint, open_run, restore_options
+from .run_folder import open_checkpoint, open_run, restore_options, saved_config
 from .schedule import BudgetClock, accumulation_steps, lr_multiplier
 from .step import NonFiniteGuard, build_model, make_optimizer, make_step, resolve_device
 
@@ -78,8 +78,11 @@ class Training:
         self.ctx, self.now, self.main, self.opts = ctx, now, ctx.is_main, opts
         self.run_dir, resumed = open_run(opts, check_existing=self.main)
         self.resumed = open_checkpoint(self.run_dir, self.warn, opts.trust_checkpoint) if resumed else None
-        if self.resumed is not None:
-            self.opts = restore_options(opts, self.run_dir)
+        if resumed:  # config.json, or the checkpoint's copy of it when config.json is damaged
+            self.opts = restore_options(opts, saved_config(self.run_dir, self.resumed, self.warn))
+            if self.resumed is None:
+                self.warn(f"fastcram: {self.run_dir} has no checkpoint yet (it stopped before its first one): "
+                          f"starting it again from step 0 with its saved configuration")
         self.tcfg = self.opts.train
         self._check_options()
         self.device = self._device()
@@ -130,7 +133,8 @@ class Training:
         if opts.data_dir is None and self.main and ctx.enabled:
             torch.distributed.barrier()
         self.data = BlockDataset(self.data_dir)
-        self.data.verify(sample=None if self.tcfg.verify_data else 2)
+        if self.tcfg.verify_data:  # otherwise the loader verifies each shard on its thread before first use
+            self.data.verify()
         self.model_cfg.vocab_size, self.model_cfg.seq_len = self.data.vocab_size, self.data.seq_len
         opts.data.seq_len = self.data.seq_len
 
@@ -170,7 +174,7 @@ class Training:
                        "world_size": ctx.world}
         if resumed is None and self.main:
             atomic_write_json(os.path.join(self.run_dir, "config.json"), self.config)
-        self.log = RunLog(os.path.join(self.run_dir, "log.jsonl")) if self.main else NullLog()
+        self.log = RunLog(os.path.join(self.run_dir, "log.jsonl"), warn=self.warn) if self.main else NullLog()
         self.env = environment(device)
         if resumed is not None and resumed["config"].get("world_size", 1) != ctx.world:
             self.say(f"fastcram: resuming a run saved with {resumed['config'].get('world_size', 1)} process(es) "
@@ -196,6 +200,9 @@ class Training:
                                           device_index=ctx.local_rank if device.startswith("cuda") else 0,
                                           quiet=not (opts.progress and self.main)).start()
         self.writer = ckpt.AsyncCheckpointer(self.run_dir, tcfg.keep_checkpoints)
+        self.last_saved = None if resumed is None else {  # the newest checkpoint on disk: what a crash falls back to
+            "path": resumed["_path"], "step": resumed["step"], "budget_spent_s": resumed["elapsed_s"]}
+        self.data_error: ShardError | None = None
         self.guard = NonFiniteGuard(self.optimizer, device, tcfg.max_bad_steps, check_loss=not ctx.enabled)
 
     # ------------------------------------------------------------ the loop
@@ -213,6 +220,8 @@ class Training:
                 self.writer.wait()
         if stopped_by in ("SIGTERM", "SIGINT"):
             return self._stop_on_signal(stopped_by)
+        if stopped_by == "bad-data":
+            self._stop_on_bad_data()
         if stopped_by:
             return self._stop(stopped_by)
         return self._finish()
@@ -250,7 +259,11 @@ class Training:
             if save_due:
                 self._save(ckpt.step_path(self.run_dir, self.state.step))
                 self.last_ckpt = self.now()
-            self._step(p)
+            try:
+                self._step(p)
+            except ShardError as e:  # raised by the loader before the batch is used: the state is the step's start
+                self.data_error = e
+                return "bad-data"
 
     def _progress(self) -> float:  # deterministic runs follow the step count, others the budget clock
         return self.state.step / self.tcfg.max_steps if self.tcfg.deterministic else self.clock.progress()
@@ -325,9 +338,8 @@ class Training:
                      f"(the last finite state is in the newest checkpoint); resume with a lower learning rate, "
                      f"e.g. fastcram train --resume {self.run_dir} --lr {self.tcfg.lr / 2:g}")
             stop = "non-finite"
-        if self._report_checkpoints() and self.tcfg.stop_on_checkpoint_error:
-            stop = "checkpoint-error"
-        return stop
+        failed = self._report_checkpoints()
+        return (self._stop_after_failed_checkpoints(failed) if failed else None) or stop
 
     def _payload(self) -> dict:
         state = self.state
@@ -341,15 +353,44 @@ class Training:
             self.writer.submit(path, self._payload(), self.state.step)
 
     def _report_checkpoints(self) -> dict:
-        """Log finished checkpoint writes; returns {path: error} of the failed ones."""
+        """Log finished checkpoint writes; returns {path: record} of the failed ones, each named on stderr with
+        its cause and the checkpoint a crash would fall back to."""
         failed = {}
         for rec in self.writer.results():
             self.log.write(rec)
-            if "error" in rec:
-                failed[rec["path"]] = rec["error"]
-                self.say(f"fastcram: checkpoint {rec['path']} failed: {rec['error']}; the previous checkpoint is "
-                         f"intact")
+            if "error" not in rec:
+                self.last_saved = rec
+                continue
+            failed[rec["path"]] = rec
+            self.warn(f"fastcram: checkpoint of step {rec['step']} not saved: {rec['error']}; {self._fallback()}")
         return failed
+
+    def _fallback(self) -> str:
+        s = self.last_saved
+        if s is None:
+            return "this run has no checkpoint yet: a crash now would lose all of its training"
+        return f"the newest checkpoint is {s['path']} (step {s['step']})"
+
+    def _stop_after_failed_checkpoints(self, failed: dict) -> str | None:
+        """A failed write stops the run when the weights are no longer finite, at once with
+        --stop-on-checkpoint-error, else when no checkpoint has been written for `unsaved_limit` of the budget."""
+        tcfg, rec = self.tcfg, list(failed.values())[-1]
+        resume = f"fastcram train --resume {self.run_dir}"
+        if rec.get("nonfinite"):
+            self.warn(f"fastcram: stopping: the weights are no longer finite at step {rec['step']}; "
+                      f"{self._fallback()}; resume with a lower learning rate, e.g. {resume} --lr {tcfg.lr / 2:g}")
+            return "non-finite"
+        unsaved = self.clock.elapsed() - (self.last_saved["budget_spent_s"] if self.last_saved else 0.0)
+        if tcfg.stop_on_checkpoint_error:
+            why = "--stop-on-checkpoint-error"
+        elif unsaved >= tcfg.unsaved_limit * tcfg.budget_s:
+            why = (f"no checkpoint could be written for {unsaved:.0f} s, {100 * unsaved / tcfg.budget_s:.0f}% of the "
+                   f"budget (the limit is {100 * tcfg.unsaved_limit:g}%)")
+        else:
+            return None
+        self.warn(f"fastcram: stopping ({why}): {rec['error']}; {self._fallback()}; free disk space, then " +
+                  (resume if self.last_saved else "start the run again"))
+        return "checkpoint-error"
 
     # ------------------------------------------------------------ endings
 
@@ -360,13 +401,27 @@ class Training:
         self._save(path)
         self.writer.wait()
         failed = self._report_checkpoints().get(path)
-        self.log.write({"event": "stopped", "signal": name, "step": step, "checkpoint": path,
+        self.log.write({"event": "stopped", "signal": name, "step": step, "checkpoint": None if failed else path,
                         "budget_spent_s": round(self.clock.elapsed(), 3)})
         self.log.close()
         self.say(f"\nstopped by {name} at step {step}; " +
-                 (f"saving failed ({failed})" if failed else f"saved {path}") +
+                 (f"saving failed ({failed['error']}); {self._fallback()}" if failed else f"saved {path}") +
                  f"\nresume with: fastcram train --resume {self.run_dir}")
         return {"stopped_by": name, "run_dir": self.run_dir, "step": step, "exit_code": 1 if failed else 0}
+
+    def _stop_on_bad_data(self) -> None:
+        """A shard failed its verification: save where the loop stopped, then one line naming the shard (exit 2)."""
+        step = self.state.step
+        path = ckpt.step_path(self.run_dir, step)
+        self._save(path)
+        self.writer.wait()
+        failed = self._report_checkpoints().get(path)
+        self.log.write({"event": "stopped", "reason": "bad-data", "error": str(self.data_error), "step": step,
+                        "checkpoint": None if failed else path})
+        self.log.close()
+        saved = f"saved {path}" if not failed else f"could not save it; {self._fallback()}"
+        raise UserError(f"{self.data_error}; training stopped at step {step} and {saved}; once the data is fixed, "
+                        f"resume with fastcram train --resume {self.run_dir}")
 
     def _stop(self, reason: str) -> dict:
         self._report_checkpoints()
@@ -379,9 +434,14 @@ class Training:
         final_path = os.path.join(run_dir, ckpt.CKPT_DIR, ckpt.FINAL)
         self._save(final_path)
         self.writer.wait()
-        if final_path in self._report_checkpoints():
-            raise UserError(f"could not write the final checkpoint {final_path}; free disk space and run "
-                            f"fastcram train --resume {run_dir} (the newest periodic checkpoint is intact)")
+        failed = self._report_checkpoints().get(final_path)
+        if failed:
+            self.log.write({"event": "stopped", "reason": "final-checkpoint", "step": state.step})
+            self.log.close()
+            raise UserError(f"could not write the final checkpoint {final_path} ({failed['error']}); " +
+                            (f"{self._fallback()}: free disk space and run fastcram train --resume {run_dir}"
+                             if self.last_saved else "this run has no checkpoint: its training is lost; free disk "
+                                                     "space and start it again"))
         tokens = state.sequences * self.data.seq_len
         summary = {"run_dir": run_dir, "steps": state.step, "micro_steps": state.micro_steps,
                    "sequences": state.sequences, "tokens": tokens, "world_size": self.ctx.world,
@@ -391,7 +451,11 @@ class Training:
                    "ops": self.model.ops.choice, "telemetry": self.telemetry.summary(tokens),
                    "profile": self.profile_result, "exit_code": 0}
         if self.main:
-            atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+            try:
+                atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+            except WriteError as e:  # the training is saved in final.pt all the same
+                self.warn(f"fastcram: {e}; the final checkpoint {final_path} is complete")
+                summary["exit_code"] = 1
         self.log.write({"event": "end", **summary})
         self.log.close()
         self.say(f"\ndone: {state.step} steps, {tokens / 1e6:.1f}M tokens, loss {self.first_loss} -> "

@@ -10,23 +10,30 @@ from typing import Callable
 
 from ..config import DataConfig, RunOptions, TrainConfig, from_dict
 from ..errors import UserError
+from ..files import WriteError, atomic_write_json, check_output_dir
 from . import checkpoint as ckpt
+
+CONFIG = "config.json"
 
 
 def open_run(opts: RunOptions, check_existing: bool = True) -> tuple[str, bool]:
-    """The run folder, and whether it is an existing run to resume."""
+    """The run folder, and whether it is an existing run to resume. Checked before any work starts: a folder
+    that cannot be written (read-only, full, a file) is a WriteError naming the flag."""
     if opts.resume:
         run_dir = opts.resume
-        if not os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise UserError(f"--resume {run_dir}: not a fastcram run folder (no config.json); pass the folder "
-                            f"a `fastcram train` run wrote")
+        if not os.path.isdir(run_dir) or not (os.path.isfile(os.path.join(run_dir, CONFIG)) or
+                                              ckpt.candidates(run_dir)):
+            raise UserError(f"--resume {run_dir}: not a fastcram run folder (no {CONFIG}, no checkpoint); pass the "
+                            f"folder a `fastcram train` run wrote")
+        check_output_dir(run_dir, "--resume")
         return run_dir, True
     run_dir = opts.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{opts.preset}")
-    if check_existing and os.path.isfile(os.path.join(run_dir, "config.json")):
+    if check_existing and os.path.isfile(os.path.join(run_dir, CONFIG)):
         raise UserError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another --out")
     if check_existing and os.path.isdir(run_dir) and os.listdir(run_dir):  # never write among the user's files
         raise UserError(f"--out {run_dir} is not empty and holds no run; fastcram writes a run only into a new or "
                         f"empty folder: choose another --out")
+    check_output_dir(run_dir, "--out")
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
@@ -34,27 +41,72 @@ def open_run(opts: RunOptions, check_existing: bool = True) -> tuple[str, bool]:
     return run_dir, False
 
 
-def restore_options(opts: RunOptions, run_dir: str) -> RunOptions:
+def _read_config(run_dir: str) -> dict:
+    """config.json as options; ValueError (or OSError) saying what is wrong with it."""
+    with open(os.path.join(run_dir, CONFIG), "rb") as f:
+        saved = json.loads(f.read().decode("utf-8"))
+    options_from(saved)  # the shape is checked here, not half-way through the start-up
+    return saved
+
+
+def options_from(saved) -> tuple[TrainConfig, DataConfig, str, str | None]:
+    """(train config, data config, preset, data folder) of a saved run config; ValueError when it has not the
+    shape `fastcram train` writes."""
+    try:
+        train, data = from_dict(TrainConfig, saved["train"]), from_dict(DataConfig, saved["data"])
+        preset, data_dir = saved["preset"], saved["data_dir"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"not a run config: {type(e).__name__} {e}") from None
+    if not isinstance(preset, str) or not (data_dir is None or isinstance(data_dir, str)):
+        raise ValueError("not a run config: preset or data_dir of the wrong type")
+    return train, data, preset, data_dir
+
+
+def saved_config(run_dir: str, resumed: dict | None, say: Callable[[str], None]) -> dict:
+    """The run's saved configuration: config.json, or, when that is unreadable or damaged, the copy in the
+    checkpoint being resumed (said, and config.json written again from it)."""
+    path = os.path.join(run_dir, CONFIG)
+    try:
+        return _read_config(run_dir)
+    except (OSError, ValueError) as e:  # ValueError: JSON, UTF-8 or shape
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+    if resumed is None:
+        raise UserError(f"--resume {run_dir}: {path} is unreadable ({why}) and the run has no checkpoint that "
+                        f"holds a copy; start a new run with another --out") from None
+    try:
+        options_from(resumed["config"])
+    except ValueError as e:
+        raise UserError(f"--resume {run_dir}: {path} is unreadable ({why}) and the copy in {resumed['_path']} is "
+                        f"not valid either ({e}); start a new run with another --out") from None
+    say(f"fastcram: warning: {path} is unreadable ({why}); using the copy of the configuration stored in "
+        f"{resumed['_path']}")
+    try:
+        atomic_write_json(path, resumed["config"])
+        say(f"fastcram: wrote {path} again from that copy")
+    except WriteError as e:
+        say(f"fastcram: warning: {e}")
+    return resumed["config"]
+
+
+def restore_options(opts: RunOptions, saved: dict) -> RunOptions:
     """On resume the saved configuration wins, except a budget or step limit given on the command line."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
-    train = from_dict(TrainConfig, saved["train"])
+    train, data, preset, data_dir = options_from(saved)
     if opts.budget_given:
         train.budget_s = opts.train.budget_s
     train.max_steps = opts.train.max_steps or train.max_steps
     if opts.lr_given:
         train.lr = opts.train.lr
-    return dataclasses.replace(opts, train=train, preset=saved["preset"], data_dir=saved["data_dir"],
-                               data=from_dict(DataConfig, saved["data"]))
+    return dataclasses.replace(opts, train=train, preset=preset, data_dir=data_dir, data=data)
 
 
-def open_checkpoint(run_dir: str, say: Callable[[str], None], trust: bool = False) -> dict:
-    """The newest usable checkpoint of a run (checkpoint.load_checkpoint: one that fails its checksum or holds
-    more than plain values is named and the next older one tried); exit 2 when none is left."""
+def open_checkpoint(run_dir: str, say: Callable[[str], None], trust: bool = False) -> dict | None:
+    """The newest usable checkpoint of a run (checkpoint.load_checkpoint: one that fails its checksum, holds
+    more than plain values, lacks what a resume needs or holds non-finite weights is named and the next older
+    one tried); None when the run has no checkpoint at all; exit 2 when none of them can be used."""
     ckpt.cleanup_temp_files(run_dir)
     if not ckpt.candidates(run_dir):
-        raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again instead")
+        return None
     try:
-        return ckpt.load_checkpoint(run_dir, trust=trust, say=say)
+        return ckpt.load_checkpoint(run_dir, trust=trust, say=say, require=ckpt.TRAINING_KEYS)
     except ckpt.CheckpointError as e:
         raise UserError(f"--resume {run_dir}: {e}") from None
