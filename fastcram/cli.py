@@ -160,7 +160,7 @@ def _ignored_on_resume(args) -> list[str]:
     """The flags given with --resume that the saved configuration overrides, as `--flag value`."""
     out = []
     for dest, value in vars(args).items():
-        if dest in _RESUME_DESTS or value == args.parser.get_default(dest):
+        if dest in _RESUME_DESTS or value is None or value == args.parser.get_default(dest):
             continue
         flag = "--" + dest.replace("_", "-")
         out.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}")

@@ -20,7 +20,7 @@ import os
 _FIXES = {
     errno.ENOSPC: "free disk space there or choose another place",
     errno.EDQUOT: "free space within your disk quota or choose another place",
-    errno.EROFS: "the file system is read-only: choose another place",
+    errno.EROFS: "choose a place on a writable file system",
     errno.EACCES: "make it writable or choose another place",
     errno.EPERM: "make it writable or choose another place",
     errno.ENOENT: "create its folder first or choose another place",
@@ -218,7 +218,7 @@ def _probe(folder: str, what: str) -> None:
     probe = os.path.join(folder, f".fastcram-write-test-{os.getpid()}")
     try:
         with open(probe, "wb", buffering=0) as f:
-            f.write(b"\0")
+            write_all(f, b"\0")
     except OSError as e:
         _remove_quietly(probe)
         raise WriteError(folder, e, f"{what}: cannot write in {folder}: {os_error_text(e)}; "

@@ -10,8 +10,9 @@ import os
 import sys
 import time
 
-from ..config import positive_int as _positive_int
+from ..config import positive_float as _positive_float, positive_int as _positive_int
 from ..errors import UserError
+from ..files import check_output_dir, check_output_file
 
 RESULTS_DIR = os.path.join("bench", "results")
 OPS = ("layer_norm", "add_layer_norm", "ffn", "mlm_loss")
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     k.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     k.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="default bf16 on a GPU, fp32 on the CPU")
     _compile_flags(k)
-    k.add_argument("--cpu-call-limit", type=float, default=0.5, metavar="S",
+    k.add_argument("--cpu-call-limit", type=_positive_float("--cpu-call-limit"), default=0.5, metavar="S",
                    help="with --quick on the CPU, skip cases whose roofline estimate is over S seconds a call "
                         "(default 0.5)")
     k.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
@@ -57,7 +58,8 @@ def add_parser(sub) -> None:
                    help="variants: triton, torch, hf (default all three)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _compile_flags(s)
-    s.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU when fastcram's table lacks the GPU")
+    s.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
+                   help="dense bf16 peak for MFU when fastcram's table lacks the GPU")
     s.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/step-<device>-<time>.csv)")
     s.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
     s.set_defaults(func=cmd_step)
@@ -78,6 +80,12 @@ def _default_csv(kind: str, device_name: str) -> str:
     from .plot import slug
 
     return os.path.join(RESULTS_DIR, f"{kind}-{slug(device_name)}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+
+
+def _csv_path(given: str | None, kind: str, device_name: str) -> str:
+    """--csv (or the default under bench/results/), checked before anything is measured."""
+    return check_output_file(given or _default_csv(kind, device_name), "--csv", make_parent=True,
+                             example=f"{kind}.csv")
 
 
 def _device(name: str) -> str:
@@ -103,7 +111,7 @@ def cmd_kernels(args) -> int:
                                 compile=gpu if args.compile is None else args.compile, ops=tuple(ops),
                                 cpu_call_limit_s=args.cpu_call_limit,
                                 skip_providers=tuple(_split(args.skip_providers)))
-    path = args.csv or _default_csv("kernels", device_name(device))
+    path = _csv_path(args.csv, "kernels", device_name(device))
     rows, ceil = kernels.run(settings, path)
     title = (f"fastcram bench kernels on {rows[0].env.get('device', device) if rows else device}: ceilings copy "
              f"{ceil.copy_gbps:.1f} GB/s, matmul {ceil.matmul_dtype} {ceil.matmul_tflops:.2f} TFLOP/s")
@@ -140,7 +148,7 @@ def cmd_step(args) -> int:
         peak_tflops=args.peak_tflops)
     if settings.repeats < 3:
         print("fastcram: fewer than 3 repeats: the spread is not meaningful", file=sys.stderr)
-    path = args.csv or _default_csv("step", device_name(device))
+    path = _csv_path(args.csv, "step", device_name(device))
     rows = step.run(settings, path)
     title = (f"fastcram bench step: {name}, micro-batch {micro}, {settings.repeats} x {settings.steps} steps "
              f"on {rows[0].env.get('device', device) if rows else device} ({step.DATA_NOTE})")
@@ -160,6 +168,7 @@ def cmd_plot(args) -> int:
     if not paths:
         raise UserError(f"no CSV given and none in {RESULTS_DIR}/; run `fastcram bench kernels` first or pass "
                         f"CSV files")
+    check_output_dir(args.out, "--out")
     for path in plot(paths, args.out):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 
 from ..config import DataConfig
+from ..files import check_output_dir
 from .prepare import MANIFEST, _say, prepare
+
+CACHE_ENV = "FASTCRAM_CACHE"
 
 
 def builtin_corpus_path() -> str:
@@ -12,7 +15,16 @@ def builtin_corpus_path() -> str:
 
 
 def cache_dir() -> str:
-    return os.environ.get("FASTCRAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastcram")
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastcram")
+
+
+def writable_cache_dir() -> str:
+    """The cache folder, checked before anything is written there: a file, a read-only or full place is one
+    WriteError naming FASTCRAM_CACHE (or the default folder) and the fix."""
+    folder = cache_dir()
+    what = f"{CACHE_ENV}={folder}" if os.environ.get(CACHE_ENV) else f"the cache folder {folder} (set {CACHE_ENV})"
+    check_output_dir(folder, what)
+    return folder
 
 
 def builtin_data(vocab_size: int, cfg: DataConfig | None = None, progress: bool = True) -> str:
@@ -20,6 +32,7 @@ def builtin_data(vocab_size: int, cfg: DataConfig | None = None, progress: bool 
     out = os.path.join(cache_dir(), f"pd_lit-v{vocab_size}")
     if os.path.isfile(os.path.join(out, MANIFEST)):
         return out
+    out = os.path.join(writable_cache_dir(), f"pd_lit-v{vocab_size}")
     _say(progress, f"preparing the built-in corpus once into {out}")
     cfg = cfg or DataConfig()
     cfg = DataConfig(**{**cfg.__dict__, "vocab_size": vocab_size})

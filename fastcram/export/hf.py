@@ -21,7 +21,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, check_output_dir
 from ..model import CrammedBert
 from ..ops import get_ops
 from .hf_tokenizer import tokenizer_files
@@ -161,11 +161,14 @@ def check_folder(folder: str, ref: CrammedBert, run: RunExport) -> float:
 
 
 def _check_out(out: str) -> None:
+    """Before anything is read: --out is new or an empty folder, and its parent (where the folder is built under
+    a temporary name) exists and takes files."""
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose another --out or remove it")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: its parent folder {parent} does not exist; create it first")
+    check_output_dir(parent, f"--out {out}: its parent folder")
 
 
 def export_hf(opts: ExportOptions) -> dict:

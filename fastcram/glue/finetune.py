@@ -35,7 +35,7 @@ from . import metrics as glue_metrics
 from ..config import ModelConfig, TrainConfig, from_dict
 from ..config import positive_float as _positive_float, positive_int as _positive_int
 from ..data.prepare import MANIFEST, TOKENIZER_FILE
-from ..files import atomic_write_json, inside
+from ..files import WriteError, atomic_write_bytes, atomic_write_json, check_output_file, inside
 from ..errors import UserError
 from ..model import CrammedBert
 from ..data.tokenizer import DocumentEncoder, SpecialIds, load_tokenizer, special_ids
@@ -460,15 +460,32 @@ def _recompile_limit(n: int):
         yield
 
 
+def report_paths(out: str | None, run_dir: str) -> tuple[str, str]:
+    """(JSON report, markdown table) of --out, checked before any work: both writable, and two files (a
+    --out ending in .md would be overwritten by the table)."""
+    flag = "--out" if out else f"the default report path (--out {os.path.join(run_dir, 'glue.json')})"
+    out_json = out or os.path.join(run_dir, "glue.json")
+    out_md = os.path.splitext(out_json)[0] + ".md"
+    if os.path.abspath(out_md) == os.path.abspath(out_json):
+        raise WriteError(out_json, message=f"--out {out_json}: the report is JSON and the table is written beside "
+                                           f"it as {os.path.basename(out_md)}, the same file; give a .json name, "
+                                           f"e.g. {os.path.splitext(out_json)[0]}.json")
+    check_output_file(out_json, flag, make_parent=True, example="glue.json")
+    check_output_file(out_md, f"{flag} (its table {out_md})", example="glue.md")
+    return out_json, out_md
+
+
 def run_glue(opts: GlueOptions) -> dict:
     """Fine-tune and score every task and seed; write the JSON report and the markdown table."""
     _check_opts(opts)
+    if not os.path.exists(opts.run_dir):
+        raise UserError(f"{opts.run_dir} does not exist; pass a run folder `fastcram train` wrote or a checkpoint "
+                        f"file")
+    run_dir = run_folder_of(opts.run_dir)
+    out_json, out_md = report_paths(opts.out, run_dir)  # before hours of fine-tuning, not after
     pre = load_run(opts.run_dir, opts.tokenizer, opts.trust_checkpoint)
     device, kernels, compile_ = _resolve(opts, pre)
     proto = dataclasses.replace(opts.protocol, max_len=min(opts.protocol.max_len, pre.cfg.seq_len))
-    run_dir = run_folder_of(opts.run_dir)
-    out_json = opts.out or os.path.join(run_dir, "glue.json")
-    out_md = os.path.splitext(out_json)[0] + ".md"
 
     # all data first: a bad file in the last task must not surface after hours of fine-tuning
     data = {t: glue_data.load_task(t, opts.data_dir, opts.max_examples) for t in opts.tasks}
@@ -489,11 +506,8 @@ def run_glue(opts: GlueOptions) -> dict:
               "device": device, "compile": compile_, "seeds": opts.seeds, "data": opts.data_dir or glue_data.HF_DATASET,
               "max_examples": opts.max_examples, "protocol": dataclasses.asdict(proto), **summary,
               "tasks": tasks, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     atomic_write_json(out_json, report)
-    with open(out_md + ".tmp", "w") as f:
-        f.write(table)
-    os.replace(out_md + ".tmp", out_md)
+    atomic_write_bytes(out_md, table.encode())
     return {**report, "json_path": out_json, "md_path": out_md}
 
 

@@ -22,14 +22,18 @@ class RunLog:
 
     Opening repairs a last line cut by a crash (the bytes removed are recorded). A record that cannot be
     written (a full disk) never stops the run: the file is left as it was before the record (files.JsonlAppender),
-    the failure is reported through `warn` once until a write succeeds again, and the next record that is
-    written says how many were lost ("log-gap"). Opening raises WriteError when the file cannot be created."""
+    the failure is reported through `warn` (at most once every WARN_EVERY_S: a nearly full disk takes some
+    records and not others), and the next record that is written says how many were lost ("log-gap"). Opening
+    raises WriteError when the file cannot be created."""
+
+    WARN_EVERY_S = 600.0
 
     def __init__(self, path: str, warn: Callable[[str], None] | None = None):
         self.path = path
         self.warn = warn or (lambda msg: say(True, msg))
         self._out = JsonlAppender(path, sync=True)
         self.lost = 0  # records not written since the last one that was
+        self._warned_at: float | None = None
         if self._out.repaired_bytes:
             self.write({"event": "log-repaired", "removed_bytes": self._out.repaired_bytes,
                         "note": "the last line was cut by a crash or a full disk and was removed"})
@@ -39,13 +43,14 @@ class RunLog:
         try:
             if self.lost:
                 self._out.append({"time": record["time"], "event": "log-gap", "lost_records": self.lost})
-                self.warn(f"fastcram: run log {self.path} is written again ({self.lost} record(s) were lost)")
                 self.lost = 0
             self._out.append(record)
         except WriteError as e:
-            if not self.lost:
-                self.warn(f"fastcram: run log: {e}; training goes on, log records are lost until it can be "
-                          f"written again")
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= self.WARN_EVERY_S:
+                self.warn(f"fastcram: run log: {e}; training goes on; records that cannot be written are lost "
+                          f"(the log says how many where it continues)")
+                self._warned_at = now
             self.lost += 1
 
     def close(self) -> None:

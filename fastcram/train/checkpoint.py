@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..data.loader import DataPosition
+from .. import files
 from ..errors import UserError
 from ..files import WriteError, as_write_error, atomic_write_json, fsync_folder, sha256_stream
 
@@ -96,10 +97,11 @@ class _HashingWriter:
         self.sha.update(data)
         self.size += len(data)
         try:
-            return self.f.write(data)
+            files.write_all(self.f, data)
         except OSError as e:
             self.error = e
             raise
+        return len(data)
 
     def flush(self) -> None:
         self.f.flush()

@@ -9,6 +9,7 @@ checkpoints (checkpoint.py); log records and the progress line in observe/runlog
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import time
@@ -336,7 +337,7 @@ class Training:
         if in_a_row >= self.guard.limit:
             self.say(f"fastcram: stopping: {in_a_row} optimizer steps in a row had a non-finite loss or gradient "
                      f"(the last finite state is in the newest checkpoint); resume with a lower learning rate, "
-                     f"e.g. fastcram train --resume {self.run_dir} --lr {self.tcfg.lr / 2:g}")
+                     f"e.g. fastcram train --resume {self.run_dir} --lr {self._lower_lr():g}")
             stop = "non-finite"
         failed = self._report_checkpoints()
         return (self._stop_after_failed_checkpoints(failed) if failed else None) or stop
@@ -371,6 +372,10 @@ class Training:
             return "this run has no checkpoint yet: a crash now would lose all of its training"
         return f"the newest checkpoint is {s['path']} (step {s['step']})"
 
+    def _lower_lr(self) -> float:
+        lr = self.tcfg.lr / 2
+        return lr if math.isfinite(lr) else 5e-4
+
     def _stop_after_failed_checkpoints(self, failed: dict) -> str | None:
         """A failed write stops the run when the weights are no longer finite, at once with
         --stop-on-checkpoint-error, else when no checkpoint has been written for `unsaved_limit` of the budget."""
@@ -378,7 +383,7 @@ class Training:
         resume = f"fastcram train --resume {self.run_dir}"
         if rec.get("nonfinite"):
             self.warn(f"fastcram: stopping: the weights are no longer finite at step {rec['step']}; "
-                      f"{self._fallback()}; resume with a lower learning rate, e.g. {resume} --lr {tcfg.lr / 2:g}")
+                      f"{self._fallback()}; resume with a lower learning rate, e.g. {resume} --lr {self._lower_lr():g}")
             return "non-finite"
         unsaved = self.clock.elapsed() - (self.last_saved["budget_spent_s"] if self.last_saved else 0.0)
         if tcfg.stop_on_checkpoint_error:
