@@ -63,7 +63,8 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     try:
         return _train(opts, ctx, now)
     finally:
-        torch.use_deterministic_algorithms(deterministic_before)  # a library call leaves global state as it was
+        if torch.are_deterministic_algorithms_enabled() != deterministic_before:  # (the call imports inductor:
+            torch.use_deterministic_algorithms(deterministic_before)  # not after a Ctrl-C cut an import short)
         shutdown(ctx)
 
 

@@ -1,0 +1,246 @@
+"""Every output path is checked before any work starts: --out and --csv of every command and the cache folder.
+A folder where a file goes, a file where a folder goes, a missing folder, a read-only place and a full disk
+each get one line naming the flag and the file and the fix, exit code 2, and nothing is written."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastcram.cli import main
+
+from .disk import readonly_dir, small_disk  # noqa: F401 (fixtures)
+from .helpers import write_small_corpus
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> str:
+    return write_small_corpus(str(tmp_path_factory.mktemp("text") / "t.txt"), 30_000)
+
+
+@pytest.fixture
+def places(tmp_path, readonly_dir, small_disk):  # noqa: F811
+    """Where an output cannot go: name -> (a path for a file output, a path for a folder output, what the line
+    says). A file where a folder goes is "a-file"; a folder where a file goes, "a-folder"."""
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("not a folder")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("the user's")
+    disk = small_disk(1 << 20)
+    disk.fill()
+    return {
+        "a-file": (None, str(a_file), "is a file"),
+        "a-folder": (str(folder), str(folder), "is a folder"),
+        "under-a-file": (str(a_file / "x.out"), str(a_file / "d"), "is a file, not a folder"),
+        "missing-folder": (str(tmp_path / "nope" / "x.out"), None, "does not exist; create it first"),
+        "read-only": (os.path.join(readonly_dir, "x.out"), os.path.join(readonly_dir, "d"), "cannot write in"),
+        "full-disk": (os.path.join(disk.root, "x.out"), os.path.join(disk.root, "d"), "(ENOSPC)"),
+    }
+
+
+def _check(capsys, rc, flag, path, says, *, nothing_at=None):
+    line = error_line(capsys)
+    assert rc == 2 and flag in line and says in line, line
+    if path:
+        assert path in line or os.path.dirname(path) in line, line
+    if nothing_at:
+        assert not os.path.exists(nothing_at)
+
+
+PLACE_NAMES = ["a-folder", "under-a-file", "missing-folder", "read-only", "full-disk"]
+
+
+@pytest.mark.parametrize("place", PLACE_NAMES)
+def test_tokenizer_train_out(text, places, capsys, place):
+    path, _, says = places[place]
+    rc = main(["tokenizer", "train", "--input", text, "--out", path, "--vocab-size", "100"])
+    _check(capsys, rc, "--out", path, says)
+    if place == "a-folder":
+        assert os.listdir(path) == ["mine.txt"]  # no temp file or folder left
+
+
+@pytest.mark.parametrize("place", ["a-file", "a-folder", "under-a-file", "read-only", "full-disk"])
+def test_data_prepare_out(text, places, tmp_path, capsys, place):
+    _, path, says = places[place]
+    says = "is not empty" if place == "a-folder" else says
+    rc = main(["data", "prepare", "--input", text, "--out", path, "--vocab-size", "100", "--quiet"])
+    _check(capsys, rc, "--out", path, says)
+
+
+@pytest.fixture(scope="module")
+def a_run(small_data, tmp_path_factory) -> str:
+    """A run folder with a log (plot reads it) and nothing else: a command that got past its output check
+    would fail on it in another way."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    run.mkdir()
+    recs = [{"time": 1.0, "step": i, "loss": 6.0 - i / 10, "lr": 1e-3, "batch_size": 8, "tokens_per_s": 1e4,
+             "mfu": None, "progress": i / 10} for i in range(1, 6)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run / "config.json").write_text("{}")
+    return str(run)
+
+
+@pytest.mark.parametrize("place", PLACE_NAMES)
+def test_plot_out(a_run, places, capsys, place):
+    pytest.importorskip("matplotlib")
+    path, _, says = places[place]
+    rc = main(["plot", a_run, "--out", path])
+    _check(capsys, rc, "--out", path, says)
+
+
+def test_plot_into_a_run_folder_that_cannot_be_written(a_run, small_disk, capsys):
+    import shutil
+    disk = small_disk(1 << 20)
+    run = shutil.copytree(a_run, os.path.join(disk.root, "run"))
+    disk.fill()
+    rc = main(["plot", run])
+    _check(capsys, rc, "--out", os.path.join(run, "run.png"), "(ENOSPC)", nothing_at=os.path.join(run, "run.png"))
+
+
+@pytest.mark.parametrize("place", [p for p in PLACE_NAMES if p != "missing-folder"] + ["md-name"])
+def test_eval_glue_out_is_checked_before_any_fine_tuning(a_run, places, tmp_path, capsys, place):
+    path, _, says = places[place] if place != "md-name" else (str(tmp_path / "res.md"), None, "give a .json name")
+    # a_run has no checkpoint: past the check, the command would stop on that instead
+    rc = main(["eval", "glue", a_run, "--out", path, "--tasks", "rte", "--quiet"])
+    _check(capsys, rc, "--out", path, says)
+
+
+def test_eval_glue_default_report_in_a_full_run_folder(a_run, small_disk, capsys):
+    import shutil
+    disk = small_disk(1 << 20)
+    run = shutil.copytree(a_run, os.path.join(disk.root, "run"))
+    disk.fill()
+    rc = main(["eval", "glue", run, "--tasks", "rte", "--quiet"])
+    _check(capsys, rc, "--out", os.path.join(run, "glue.json"), "(ENOSPC)")
+
+
+@pytest.mark.parametrize("kind", ["kernels", "step"])
+@pytest.mark.parametrize("place", ["a-folder", "under-a-file", "read-only", "full-disk"])
+def test_bench_csv(places, capsys, kind, place):
+    path, _, says = places[place]
+    extra = ["--quick", "--ops", "layer_norm"] if kind == "kernels" else ["--steps", "1", "--repeats", "1"]
+    rc = main(["bench", kind, "--csv", path, "--device", "cpu", "--no-compile", *extra])
+    _check(capsys, rc, "--csv", path, says)
+
+
+@pytest.mark.parametrize("place", ["under-a-file", "read-only", "full-disk"])
+def test_bench_plot_out(places, tmp_path, capsys, place):
+    _, path, says = places[place]
+    csv = tmp_path / "k.csv"
+    csv.write_text("op,provider\n")
+    rc = main(["bench", "plot", str(csv), "--out", path])
+    _check(capsys, rc, "--out", path, says)
+
+
+@pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
+def test_train_out(small_data, places, tmp_path, capsys, place):
+    _, path, says = places[place]
+    rc = main(["train", "--preset", "tiny", "--data", small_data, "--out", path, "--device", "cpu", "--no-compile",
+               "--minutes", "1", "--quiet"])
+    _check(capsys, rc, "--out", path, says)
+
+
+@pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
+def test_export_hf_out(a_run, places, tmp_path, capsys, place):
+    for name in ("transformers", "safetensors", "accelerate"):
+        pytest.importorskip(name, reason="the hf extra is not installed")
+    _, path, says = places[place]
+    says = "already exists" if place == "a-file" else says
+    rc = main(["export", "hf", a_run, "--out", path, "--quiet"])
+    _check(capsys, rc, "--out", path, says)
+
+
+@pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
+def test_cache_folder(places, tmp_path, monkeypatch, capsys, place):
+    _, path, says = places[place]
+    monkeypatch.setenv("FASTCRAM_CACHE", path)
+    rc = main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu", "--no-compile",
+               "--minutes", "1", "--quiet"])
+    line = error_line(capsys)
+    assert rc == 2 and f"FASTCRAM_CACHE={path}" in line and says in line, line
+
+
+# ---------------------------------------------------------------- other bad input that used to crash
+
+@pytest.mark.parametrize("argv, needle", [
+    (["profile", "--warmup", "-5"], "--warmup must be 0 or more"),
+    (["train", "--lr", "inf"], "--lr must be a finite positive number"),
+    (["train", "--minutes", "inf"], "--minutes must be a finite positive number"),
+    (["train", "--hours", "nan"], "--hours must be a finite positive number"),
+    (["bench", "step", "--peak-tflops", "-1"], "--peak-tflops must be a finite positive number"),
+])
+def test_bad_flag_values_are_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and needle in error_line(capsys)
+
+
+def test_tokenizer_train_on_an_empty_file_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    out = tmp_path / "tok.json"
+    rc = main(["tokenizer", "train", "--input", str(tmp_path / "empty.txt"), "--out", str(out)])
+    assert rc == 2 and "holds no text" in error_line(capsys) and not out.exists()
+    assert os.listdir(tmp_path) == ["empty.txt"]
+
+
+def test_flags_a_resumed_run_ignores_are_named(small_data, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    base = ["--device", "cpu", "--no-compile", "--quiet"]
+    assert main(["train", "--preset", "tiny", "--data", small_data, "--out", run, "--micro-batch", "8",
+                 "--max-steps", "2", "--minutes", "600", *base]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", run, "--max-steps", "3", "--micro-batch", "16", "--kernels", "triton",
+                 "--keep-checkpoints", "5", *base]) == 0
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "ignored:" in ln]
+    assert "--micro-batch 16" in line and "--kernels triton" in line and "--keep-checkpoints 5" in line
+    assert "--max-steps" not in line.split("ignored:")[1].split("(")[0]  # that one a resumed run takes
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(small_data, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    base = ["--device", "cpu", "--no-compile", "--quiet"]
+    assert main(["train", "--preset", "tiny", "--data", small_data, "--out", run, "--micro-batch", "8",
+                 "--max-steps", "2", "--minutes", "600", *base]) == 0
+    import shutil
+    shutil.rmtree(os.path.join(run, "checkpoints"))  # as if killed before its first checkpoint
+    capsys.readouterr()
+    assert main(["train", "--out", run, "--preset", "tiny", *base]) == 2  # a new run there: pointed at --resume
+    assert f"--resume {run}" in error_line(capsys)
+    assert main(["train", "--resume", run, *base]) == 0  # ...which starts it again instead of sending it back
+    assert "starting it again from step 0" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(run, "checkpoints", "final.pt"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_first_seconds_of_train_is_one_line(small_data, tmp_path):
+    """SIGINT at moments from importing the command line (torch among it) to the first steps: never a traceback.
+    (Earlier than about 0.3 s the Python interpreter itself is still starting, before any fastcram code runs.)"""
+    for i, delay in enumerate((0.5, 0.8, 1.2, 2.0, 3.0)):
+        out = str(tmp_path / f"run{i}")
+        proc = subprocess.Popen([sys.executable, "-m", "fastcram", "train", "--preset", "tiny", "--data", small_data,
+                                 "--out", out, "--device", "cpu", "--no-compile", "--micro-batch", "8", "--minutes",
+                                 "1"], stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, (delay, err[-3000:])
+        # 130, or death by SIGINT (-2: a shell shows 130 as well) when the interrupt lands in interpreter shutdown
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err[-2000:])
+        if proc.returncode != 0:
+            assert err.strip().splitlines()[-1] == "fastcram: interrupted"
+        else:  # the loop had started: it saved and says how to resume
+            assert f"resume with: fastcram train --resume {out}" in err
