@@ -66,11 +66,13 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=_positive_float("--lr"), help="peak learning rate (recipe: 1e-3)")
     p.add_argument("--deterministic", action="store_true",
                    help="bit-identical reruns and resumes on CPU; needs --max-steps (schedules follow steps)")
-    p.add_argument("--verify-data", action="store_true", help="checksum every shard at start (default: 2 sampled)")
+    p.add_argument("--verify-data", action="store_true",
+                   help="verify every shard at start (default: each on the loader's thread before its first use)")
     p.add_argument("--keep-checkpoints", type=_positive_int("--keep-checkpoints"),
                    help="periodic checkpoints kept besides final.pt (default 2)")
     p.add_argument("--stop-on-checkpoint-error", action="store_true",
-                   help="stop cleanly when a checkpoint cannot be written (default: report it and train on)")
+                   help="stop cleanly when a checkpoint cannot be written (default: report it and train on, and stop "
+                        "when none could be written for 10%% of the budget)")
     p.add_argument("--max-bad-steps", type=_positive_int("--max-bad-steps"),
                    help="stop after this many consecutive non-finite steps (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -78,7 +78,7 @@ class TrainConfig:
     telemetry_interval_s: float = 5.0  # NVML sampling period
     sync_debug: bool = False  # make any host sync inside the hot loop an error (CUDA only)
     deterministic: bool = False  # bit-identical reruns on CPU: schedules follow step / max_steps
-    verify_data: bool = False  # checksum every shard at start (default: a sample of 2)
+    verify_data: bool = False  # verify every shard at start (default: each before its first use, on the loader thread)
     stop_on_checkpoint_error: bool = False  # default: report a failed checkpoint write and train on
     unsaved_limit: float = 0.1  # share of the budget a run may go without a checkpoint written; past it, it stops
     max_bad_steps: int = 20  # consecutive non-finite steps (seen at a log interval) that stop the run
