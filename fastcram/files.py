@@ -62,6 +62,20 @@ def as_write_error(path: str, e: OSError) -> WriteError:
     return e if isinstance(e, WriteError) else WriteError(getattr(e, "filename", None) or path, e)
 
 
+@contextlib.contextmanager
+def writing(path: str):
+    """Inside: an OSError that says the place cannot be written (a full disk, ...) becomes a WriteError naming
+    path; for files written bit by bit (a benchmark's CSV, row by row)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise WriteError(path, e) from None
+
+
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.remove(path)

@@ -112,6 +112,17 @@ def test_telemetry_samples_that_cannot_be_written_are_reported_once_and_kept(sma
     assert [r["time"] for r in _lines(t.path)] == [1.0, 9.0]
 
 
+def test_a_benchmark_csv_that_fills_the_disk_names_the_file(small_disk):
+    from fastcram.benchmarks.kernels import CsvSink
+    disk = small_disk(1 << 20)
+    if disk.kind == "injected":
+        pytest.skip("the CSV is written row by row through the csv module, past the injected write function")
+    path = os.path.join(disk.root, "kernels.csv")
+    disk.fill()
+    with pytest.raises(files.WriteError, match=r"kernels\.csv: No space left on device \(ENOSPC\)"):
+        CsvSink(path)
+
+
 # ---------------------------------------------------------------- training on a full disk
 
 def test_train_on_a_disk_full_from_the_start_is_one_line_and_leaves_nothing(small_data, small_disk, capsys):

@@ -21,6 +21,7 @@ from typing import Callable, TextIO
 import torch
 
 from ..observe.env_info import environment
+from ..files import writing
 from .case import Case, Unavailable
 from .ceilings import Ceilings, Timing, measure, time_fn
 
@@ -262,17 +263,19 @@ class CsvSink:
     """Appends rows as they are measured (header first), flushing each time."""
 
     def __init__(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self._f = open(path, "w", newline="")
-        self._w = csv.DictWriter(self._f, fieldnames=CSV_COLUMNS)
-        self._w.writeheader()
-        self._f.flush()
+        with writing(path):  # a full disk is one line naming the file
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._f = open(path, "w", newline="")
+            self._w = csv.DictWriter(self._f, fieldnames=CSV_COLUMNS)
+            self._w.writeheader()
+            self._f.flush()
 
     def write(self, rows: list[Row]) -> None:
-        for r in rows:
-            self._w.writerow(r.csv_dict())
-        self._f.flush()
+        with writing(self.path):
+            for r in rows:
+                self._w.writerow(r.csv_dict())
+            self._f.flush()
 
     def close(self) -> None:
         self._f.close()

@@ -28,6 +28,7 @@ import torch
 from ..config import DataConfig, ModelConfig, TrainConfig, preset
 from ..observe.env_info import environment
 from ..errors import UserError
+from ..files import writing
 from ..observe.metrics import flops_per_token, mfu, peak_tflops
 from .case import Unavailable
 
@@ -299,7 +300,7 @@ def run(s: StepSettings, csv_path: str, log: TextIO = sys.stderr) -> list[StepRo
           f"tokens, {s.repeats} repeats of {s.steps} steps; {DATA_NOTE}", file=log, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     rows: list[StepRow] = []
-    with open(csv_path, "w", newline="") as f:
+    with writing(csv_path), open(csv_path, "w", newline="") as f:  # a full disk: one line naming the file
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for backend in s.backends:
