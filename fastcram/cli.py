@@ -10,7 +10,7 @@ from .config import PRESETS, DataConfig, RunOptions, TrainConfig, preset
 from .config import non_negative_int as _non_negative_int, positive_float as _positive_float
 from .config import positive_int as _positive_int
 from .errors import UserError
-from .files import WriteError, check_output_file, is_write_error, os_error_text
+from .files import WriteError, check_output_dir, check_output_file, is_write_error, os_error_text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -235,6 +235,7 @@ def cmd_data_prepare(args) -> int:
 
     if not 16 <= args.vocab_size <= 65535:
         raise UserError(f"--vocab-size {args.vocab_size}: must be between 16 and 65535")
+    check_output_dir(args.out, "--out")  # before any input is read
     cfg = DataConfig(vocab_size=args.vocab_size, compression_threshold=args.compression_threshold,
                      seq_len=args.seq_len, shard_blocks=args.shard_blocks)
     opts = PrepareOptions(weights=args.weights, workers=args.workers, max_documents=args.max_documents,

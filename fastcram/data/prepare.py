@@ -50,7 +50,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import WriteError, atomic_write_bytes, atomic_write_json, check_output_dir, inside, sha256_file
+from ..files import WriteError, atomic_write_bytes, atomic_write_json, inside, sha256_file
 from .sources import Input, ReadError, mix_documents, mix_fraction
 from .tokenizer import (DocumentEncoder, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
                         train_tokenizer, why_not_separable)
@@ -682,7 +682,6 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
     sources = [Input(spec, cfg.doc_chars, opts.text_field) for spec in inputs]
     given, identity = _tokenizer_identity(tokenizer_path, cfg, opts)
     fingerprint = _fingerprint(sources, cfg, opts, identity)
-    check_output_dir(out_dir, "--out")
     state, created = _claim_folder(out_dir, tokenizer_path)
     if state is not None and state.get("version") != FORMAT_VERSION:
         raise UserError(f"{out_dir} holds an unfinished prepare of another fastcram version; delete the folder and "
