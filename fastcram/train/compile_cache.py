@@ -17,17 +17,17 @@ VARIABLES = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR"
 
 @contextlib.contextmanager
 def compile_caches(root: str | None = None):
-    """Yields {"inductor": {"path", "set_by"}, "triton": {...}}; set_by is "fastcram" or "environment"."""
+    """Yields {"inductor": {"path", "set_by"}, "triton": {...}}; set_by says who chose the folder."""
     root = root or cache_dir()
     before = {var: os.environ.get(var) for var in VARIABLES.values()}
     info = {}
     for name, var in VARIABLES.items():
         if before[var] and before[var] != _inductor_default(var):
-            info[name] = {"path": before[var], "set_by": f"environment ({var})"}
+            info[name] = {"path": before[var], "set_by": f"the environment, {var}"}
         else:
             path = os.path.join(root, name)
             os.environ[var] = path
-            info[name] = {"path": path, "set_by": f"fastcram ({var}, the cache folder)"}
+            info[name] = {"path": path, "set_by": f"fastcram, {var}"}
     _forget_cached_paths()
     try:
         yield info
