@@ -183,7 +183,8 @@ class Training:
             self.say(f"fastcram: resuming a run saved with {resumed['config'].get('world_size', 1)} process(es) "
                      f"on {ctx.world}: the data continues from the same block, in global micro-batches of "
                      f"{self.global_micro}")
-        switches = autotune.switch_record(self.model_cfg, tcfg, self.tuning.how, self.model.ops.choice)
+        self.switches = switches = autotune.switch_record(self.model_cfg, tcfg, self.tuning.how,
+                                                          self.model.ops.choice)
         self.log.write({"event": "start" if resumed is None else "resume", "config": self.config, **self.env,
                         "ops": self.model.ops.choice, "switches": switches, "step": self.step_fn.settings,
                         "budget_spent_s": round(self.spent, 3), "autotune": self.tuning.report or None,
@@ -424,6 +425,7 @@ class Training:
                    "first_logged_loss": self.first_loss, "final_loss": self.last_loss,
                    "skipped_steps": self.guard.total, "final_checkpoint": final_path, "device": self.env["device"],
                    "ops": self.model.ops.choice, "telemetry": self.telemetry.summary(tokens),
+                   "switches": {k: v["value"] for k, v in self.switches.items()},
                    "profile": self.profile_result, "startup": self.startup, "peak_mem_mib": self._peak_mem_mib(),
                    "flops_per_token": self.fpt, "exit_code": 0}
         if self.main:
