@@ -109,9 +109,18 @@ def _sync(device: str) -> None:
 
 def tune_micro_batch(model_cfg: ModelConfig, tcfg: TrainConfig, opts: RunOptions, device: str, data,
                      say: Callable[[str], None]) -> dict:
-    """--micro-batch auto: the all-torch step (or the fixed kernels) at growing sizes; sets tcfg.micro_batch."""
+    """--micro-batch auto: the step with the auto switches at their baseline, at growing sizes; sets
+    tcfg.micro_batch."""
     say("auto-tuning the micro-batch (time counts against the budget):")
-    fixed = sw.apply({k: "default" if k != "kernels" else "torch" for k in TUNED
+    best, trials = _search_sizes(model_cfg, tcfg, opts, device, data, say)
+    release_compiled(device)  # the probe model is gone; so are its compiled graphs
+    tcfg.micro_batch = best
+    say(f"  -> micro-batch {best}")
+    return {"chosen": best, "trials": trials}
+
+
+def _search_sizes(model_cfg, tcfg, opts, device, data, say) -> tuple[int, list[dict]]:
+    fixed = sw.apply({k: "torch" if k == "kernels" else "default" for k in TUNED
                       if sw.SWITCHES[k].get(model_cfg, tcfg) == sw.AUTO}, model_cfg, tcfg)[1]
     probe = build_model(model_cfg, fixed, device)
     step = make_step(probe, fixed, device)
@@ -124,13 +133,8 @@ def tune_micro_batch(model_cfg: ModelConfig, tcfg: TrainConfig, opts: RunOptions
 
     cands = GPU_MICRO_BATCHES if device.startswith("cuda") else CPU_MICRO_BATCHES
     cands = [c for c in cands if c <= len(data)]
-    best, trials = search_micro_batch(
+    return search_micro_batch(
         lambda size: measure_step_throughput(step, make_batch, probe, size, data.seq_len, device), cands, log=say)
-    tcfg.micro_batch = best
-    del probe, step
-    release_compiled(device)
-    say(f"  -> micro-batch {best}")
-    return {"chosen": best, "trials": trials}
 
 
 # ---------------------------------------------------------------- step-level tuning: the search
@@ -428,6 +432,11 @@ def _tune_step(model_cfg, tcfg, opts, device, data, auto, how, share, world_size
     ops = [op for op in ops if op not in fixed]
     flippable = triton_ops(ops, device) if "kernels" in auto else set()
     baseline, moves = plan(auto, ops, flippable, device, tcfg.compile, world_size > 1)
+    if not moves:  # e.g. --kernels auto where Triton cannot run: one candidate, nothing to time it against
+        _set_choice(model_cfg, tcfg, baseline, auto)
+        how.update({k: "baseline: no alternative to measure here" for k in auto})
+        say(f"auto: no alternative to measure here (Triton unavailable?): {sw.label(baseline)}")
+        return {"cache": None, "choice": baseline, "candidates": []}
     cap_s = Rule().cap_fraction * tcfg.budget_s - spent_s
     remaining_s = tcfg.budget_s - Rule().cap_fraction * tcfg.budget_s
     cost_key = tune_cache.cost_key(device, model_cfg, tcfg.micro_batch, tcfg.compile)

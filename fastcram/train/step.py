@@ -14,6 +14,7 @@ from ..config import DataConfig, ModelConfig, TrainConfig
 from ..errors import UserError
 from ..model import CrammedBert
 from ..ops import OP_MODULES, OpsError, get_ops, triton_unavailable_reason
+from .switches import COMPILE_MODES
 
 RESIDUAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: the stream keeps the norm's fp32
 
@@ -121,9 +122,8 @@ class TrainStep:
         self.model = model
         self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         inner = model.module if self.ddp else model
-        if tcfg.compile_mode not in ("default", "max-autotune-no-cudagraphs", "reduce-overhead"):
-            raise UserError(f"--compile-mode {tcfg.compile_mode}: choose default, max-autotune-no-cudagraphs or "
-                            f"reduce-overhead (or auto)")
+        if tcfg.compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile-mode {tcfg.compile_mode}: choose one of {', '.join(COMPILE_MODES)} (or auto)")
         mode = None if tcfg.compile_mode == "default" else tcfg.compile_mode
         self.forward = (torch.compile(model, fullgraph=not self.ddp, dynamic=False, mode=mode) if tcfg.compile
                         else model)
