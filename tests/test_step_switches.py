@@ -160,3 +160,34 @@ def test_compile_caches_in_the_cache_folder_unless_the_user_set_them(tmp_path, m
         assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # put back as it was
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["flash", "cudnn", "efficient", "math"])
+def test_gpu_attention_backends_give_the_default_loss(attention):
+    """Each SDPA backend, where this GPU has it, computes the sparse model's loss and gradients as PyTorch's
+    default dispatch does (bf16 autocast: within bf16 rounding)."""
+    from fastcram.config import DataConfig, ModelConfig, TrainConfig
+    from fastcram.data.loader import mask_batch
+    from fastcram.data.tokenizer import SpecialIds
+    from fastcram.errors import UserError
+    from fastcram.train.step import build_model, check_attention, make_step
+
+    cfg = ModelConfig(vocab_size=1031, hidden=128, layers=2, heads=2, intermediate=512)
+    try:
+        check_attention(attention, cfg, "cuda", torch.bfloat16, DataConfig().masked_per_seq)
+    except UserError as e:
+        pytest.skip(str(e))
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ids = torch.randint(7, 1031, (6, 128), device="cuda", generator=g)
+    b = mask_batch(ids, DataConfig(), SpecialIds(*range(7)), 1031, g)
+    out = {}
+    for name in ("default", attention):
+        torch.manual_seed(0)
+        tcfg = TrainConfig(device="cuda", compile=False, attention=name)
+        model = build_model(cfg, tcfg, "cuda")
+        loss = make_step(model, tcfg, "cuda")(b.input_ids, b.positions, b.labels, 1)
+        out[name] = (loss, [p.grad.float() for p in model.parameters()])
+    torch.testing.assert_close(out[attention][0], out["default"][0], atol=2e-2, rtol=2e-2)
+    for a, d in zip(out[attention][1], out["default"][1]):  # bf16 rounding: a few % of each gradient's norm
+        assert (a - d).norm() <= 0.05 * d.norm() + 1e-6
