@@ -191,3 +191,39 @@ def test_gpu_attention_backends_give_the_default_loss(attention):
     torch.testing.assert_close(out[attention][0], out["default"][0], atol=2e-2, rtol=2e-2)
     for a, d in zip(out[attention][1], out["default"][1]):  # bf16 rounding: a few % of each gradient's norm
         assert (a - d).norm() <= 0.05 * d.norm() + 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_accumulate_gradients_like_the_default_compile():
+    """reduce-overhead with gradient accumulation (3 micro-steps an optimizer step): the same accumulated
+    gradients as the default compile mode, at both optimizer steps. Accumulating into a gradient that is a
+    CUDA-graph output would silently keep only part of the sum (AdamW's first steps would hide a uniform
+    scale, so the gradients are compared, not the parameters)."""
+    from fastcram.config import DataConfig, ModelConfig, TrainConfig
+    from fastcram.data.loader import mask_batch
+    from fastcram.data.tokenizer import SpecialIds
+    from fastcram.train.step import build_model, make_optimizer, make_step, release_compiled
+
+    cfg = ModelConfig(vocab_size=1031, hidden=128, layers=2, heads=2, intermediate=512)
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    batches = [mask_batch(torch.randint(7, 1031, (8, 128), device="cuda", generator=g), DataConfig(),
+                          SpecialIds(*range(7)), 1031, g) for _ in range(6)]
+    grads = {}
+    for mode in ("default", "reduce-overhead"):
+        torch.manual_seed(0)
+        tcfg = TrainConfig(device="cuda", compile=True, compile_mode=mode, attention="default")
+        model = build_model(cfg, tcfg, "cuda")
+        opt = make_optimizer(model, tcfg, "cuda")
+        step = make_step(model, tcfg, "cuda")
+        grads[mode] = []
+        for k in range(2):
+            for b in batches[3 * k:3 * k + 3]:
+                step(b.input_ids, b.positions, b.labels, 3)
+            grads[mode] += [p.grad.detach().clone() for p in model.parameters()]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        del model, opt, step
+        release_compiled("cuda")
+    assert len(grads["default"]) == len(grads["reduce-overhead"]) > 0
+    for a, d in zip(grads["reduce-overhead"], grads["default"]):
+        assert (a - d).norm() <= 1e-3 * d.norm() + 1e-7

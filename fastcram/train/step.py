@@ -128,6 +128,7 @@ class TrainStep:
         self.forward = (torch.compile(model, fullgraph=not self.ddp, dynamic=False, mode=mode) if tcfg.compile
                         else model)
         self.cuda_graphs = tcfg.compile and tcfg.compile_mode == "reduce-overhead"
+        self.params = [p for p in inner.parameters() if p.requires_grad]
         self.amp = autocast_dtype(tcfg, device)
         self.backends = sdpa_backends(tcfg.attention)
         self.settings = {
@@ -146,15 +147,24 @@ class TrainStep:
         return sdpa_kernel(self.backends)  # read when the graph is traced, so it reaches the compiled step
 
     def __call__(self, input_ids, positions, labels, accum: int, sync: bool = True) -> torch.Tensor:
+        fresh = []
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # each micro-step replays the captured graphs anew
+            fresh = [p for p in self.params if p.grad is None]
         no_sync = self.model.no_sync() if self.ddp and not sync else contextlib.nullcontext()
         amp = torch.autocast(self._device_type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None)
         with no_sync, amp, self._attention():
             loss = self.forward(input_ids, positions, labels)
             (loss / accum).backward()
-        # a CUDA-graph output is overwritten by the next replay: hand back a copy
-        return loss.detach().clone() if self.cuda_graphs else loss.detach()
+        if not self.cuda_graphs:
+            return loss.detach()
+        # A CUDA-graph output lives in the graphs' memory pool and is overwritten by the next replay. A new
+        # .grad is such an output (autograd keeps it rather than copying): accumulating the next micro-step
+        # into it would read overwritten memory, so it becomes a tensor of its own (once per optimizer step).
+        for p in fresh:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+        return loss.detach().clone()
 
 
 def make_step(model: torch.nn.Module, tcfg: TrainConfig, device: str) -> TrainStep:
