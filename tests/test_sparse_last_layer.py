@@ -9,21 +9,12 @@ from fastcram.config import DataConfig, ModelConfig
 from fastcram.data.loader import mask_batch
 from fastcram.data.tokenizer import SpecialIds
 from fastcram.model import CrammedBert
-from fastcram.ops import OP_MODULES, OpsError, get_op, get_ops
+from fastcram.ops import get_ops
+
+from .test_model_backends import _triton_ops_available
 
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, 5, 6)
 SEQ = 40  # not a power of two; 10 predicted rows per sequence
-
-
-def _triton_ops() -> list[str]:
-    ok = []
-    for op in OP_MODULES:
-        try:
-            get_op(op, "triton")
-            ok.append(op)
-        except OpsError:
-            pass
-    return ok
 
 
 def _cfg(ffn: str, sparse: bool) -> ModelConfig:
@@ -39,7 +30,7 @@ def _batch(B: int):
 
 def _pair(ffn: str, backend: str):
     if backend == "triton":
-        ops = _triton_ops()
+        ops = _triton_ops_available()
         if not ops:
             pytest.skip("no triton op available")
         bundle = get_ops("torch", per_op={op: "triton" for op in ops})
