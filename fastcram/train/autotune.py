@@ -437,10 +437,10 @@ def _tune_step(model_cfg, tcfg, opts, device, data, auto, how, share, world_size
         how.update({k: "baseline: no alternative to measure here" for k in auto})
         say(f"auto: no alternative to measure here (Triton unavailable?): {sw.label(baseline)}")
         return {"cache": None, "choice": baseline, "candidates": []}
-    cap_s = Rule().cap_fraction * tcfg.budget_s - spent_s
+    cap_s = Rule().cap_fraction * tcfg.budget_s - share(spent_s)  # rank 0's figures: every rank decides alike
     remaining_s = tcfg.budget_s - Rule().cap_fraction * tcfg.budget_s
     cost_key = tune_cache.cost_key(device, model_cfg, tcfg.micro_batch, tcfg.compile)
-    prior = tune_cache.load_cost(cost_key, cache_root)
+    prior = share(tune_cache.load_cost(cost_key, cache_root))
     prior_s = prior if prior is not None else PRIOR_COST_S["compiled" if tcfg.compile else "eager"]
     say(f"auto-tuning {', '.join(sorted(auto))} by timing whole training steps (at most {cap_s:.0f} s, 5% of the "
         f"budget; one candidate ~{prior_s:.0f} s{'' if prior is not None else ', assumed: none measured here yet'}):")
