@@ -482,7 +482,7 @@ def _set_choice(model_cfg: ModelConfig, tcfg: TrainConfig, choice: dict, auto: s
         tcfg.compile_mode = chosen.compile_mode
 
 
-def resumed(tcfg: TrainConfig) -> Tuning:
+def resumed() -> Tuning:
     """A resumed run keeps the switches and micro-batch its saved configuration records."""
     return Tuning({**{key: "resumed" for key in sw.SWITCHES}, "micro_batch": "resumed"}, {})
 

@@ -138,7 +138,7 @@ class Training:
         t0 = self.now()
         if self.resumed is not None:
             per_op = self.resumed["ops"]  # the resumed run keeps its kernel choice and micro-batch
-            self.tuning = autotune.resumed(tcfg)
+            self.tuning = autotune.resumed()
         else:
             if tcfg.micro_batch_auto and ctx.enabled:
                 raise UserError("--micro-batch auto runs on one process; tune with one GPU, then pass the chosen "
