@@ -1,0 +1,90 @@
+"""The fake (meta) implementations of the custom ops describe the real outputs exactly, strides included,
+on transposed, sliced and expanded inputs: eagerly (FakeTensorMode against the real launch) and under
+torch.compile(fullgraph=True), whose generated code asserts the strides the fakes promised.
+"""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fastcram.ops import layer_norm as ln
+
+pytestmark = pytest.mark.skipif(not ln.HAVE_TRITON, reason="triton is not installed")
+
+N = 40  # features (not a power of two)
+
+
+def views(rows: int = 12):
+    """Inputs [rows, N] whose memory is laid out in three non-contiguous ways (fresh values every call)."""
+    return {
+        "transposed": torch.randn(N, rows).t(),  # strides (1, rows)
+        "sliced": torch.randn(rows, 2 * N)[:, ::2],  # strides (2N, 2)
+        "rows-sliced": torch.randn(2 * rows, N)[::2],  # strides (2N, 1)
+        "expanded": torch.randn(1, N).expand(rows, N),  # strides (0, 1)
+    }
+
+
+def params():
+    return torch.randn(N), torch.randn(N)
+
+
+def fake_and_real(op, *args):
+    """The op's outputs for real, and as its fake implementation describes them."""
+    real = op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    return real, fake
+
+
+def assert_same_layout(real, fake):
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype
+        assert r.stride() == f.stride(), f"real strides {r.stride()} != fake strides {f.stride()}"
+
+
+@pytest.mark.parametrize("view", list(views()))
+def test_layer_norm_fakes_match_real_outputs(view):
+    x = views()[view]
+    w, b = params()
+    real, fake = fake_and_real(torch.ops.fastcram.layer_norm_fwd, x, w, b, 1e-5)
+    assert_same_layout(real, fake)
+    r = views()[view]
+    real, fake = fake_and_real(torch.ops.fastcram.add_layer_norm_fwd, x, r, w, b, 1e-5)
+    assert_same_layout(real, fake)
+    dy = views()[view]
+    y, mean, rstd = torch.ops.fastcram.layer_norm_fwd(x, w, b, 1e-5)
+    real, fake = fake_and_real(torch.ops.fastcram.layer_norm_bwd, dy, None, x, w, mean, rstd, x.dtype, None)
+    assert_same_layout(real, fake)
+
+
+# The views made inside the compiled function, from contiguous graph inputs: [rows, N] each.
+ROWS = 12
+IN_GRAPH_VIEWS = {
+    "transposed": (lambda: torch.randn(N, ROWS), lambda t: t.t()),
+    "sliced": (lambda: torch.randn(ROWS, 2 * N), lambda t: t[:, ::2]),
+    "rows-sliced": (lambda: torch.randn(2 * ROWS, N), lambda t: t[::2]),
+    "expanded": (lambda: torch.randn(1, N), lambda t: t.expand(ROWS, N)),
+}
+
+
+@pytest.mark.parametrize("view", list(IN_GRAPH_VIEWS))
+def test_compiled_layer_norm_on_strided_views(view):
+    """layer_norm(x.t()) and friends compiled with fullgraph: forward and backward equal eager. Inductor
+    asserts that each custom op's output has the strides its fake promised (caches off: a graph compiled
+    with an older fake must not hide a wrong one)."""
+    make, take = IN_GRAPH_VIEWS[view]
+    bases = [make(), make()]
+    w, b = params()
+
+    def f(x, r, w, b):
+        y = ln.layer_norm(take(x), w, b, 1e-5)
+        s, y2 = ln.add_layer_norm(y, take(r), w, b, 1e-5)
+        return (y * y2).sum() + s.square().sum()
+
+    results = []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for fn in (f, torch.compile(f, fullgraph=True, dynamic=False)):
+            args = [t.detach().clone().requires_grad_() for t in (*bases, w, b)]
+            loss = fn(*args)
+            results.append((loss.detach(), *torch.autograd.grad(loss, args)))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
