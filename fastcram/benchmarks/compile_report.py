@@ -7,8 +7,9 @@ the file's own launchers; fastcram/ops/compile_only.py turns those launches into
 process per architecture (Triton's caches are per process). Shapes that specialize identically are compiled
 once: the row names the first micro-batch that needed it.
 
-Columns: kernel, config, argument dtypes, status, registers a thread, shared memory bytes, local (spill)
-bytes, threads a CTA, resident CTAs an SM, whether the PTX uses wgmma, TMA and cp.async, compile seconds.
+Columns: kernel, config, argument dtypes, status, registers a thread, shared memory bytes, local memory
+bytes a thread (the stack frame: what the driver reports, its n_spills is a quarter of it), spill stores
+(STL instructions in the SASS: the real spills), threads a CTA, resident CTAs an SM, whether the PTX uses wgmma, TMA and cp.async, compile seconds.
 The native CUDA kernels of kernels/ get the same columns from the CMake-built library when it exists.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..errors import UserError
 ARCHES = ("90a", "80")
 MICRO_BATCHES = (32, 64, 128, 256, 512, 1024)  # the GPU micro-batch search's candidates
 COLUMNS = ["op", "kernel", "arch", "config", "dtypes", "status", "regs", "shared_bytes", "local_bytes",
-           "threads", "ctas_per_sm", "wgmma", "tma", "cp_async", "uses_dot", "pruned", "compile_s",
+           "spill_stores", "threads", "ctas_per_sm", "wgmma", "tma", "cp_async", "uses_dot", "pruned", "compile_s",
            "micro_batch", "triton"]
 
 
@@ -89,7 +90,7 @@ def _row(module: str, rec, mb: int, target) -> dict:
     ok = rec.status == "ok" and rec.regs is not None
     return {"op": module, "kernel": rec.kernel, "arch": rec.arch, "config": rec.config_name(),
             "dtypes": rec.dtypes, "status": rec.status, "regs": rec.regs, "shared_bytes": rec.shared,
-            "local_bytes": rec.local, "threads": rec.threads,
+            "local_bytes": rec.local, "spill_stores": rec.spill_stores, "threads": rec.threads,
             "ctas_per_sm": blocks_per_sm(target.arch, rec.regs, rec.shared, rec.threads) if ok else 0,
             **{k: "yes" if v else "no" for k, v in rec.uses.items()}, "uses_dot": "yes" if rec.uses_dot else "no",
             "pruned": "yes" if target.would_prune(rec) else "no", "compile_s": rec.compile_s, "micro_batch": mb}
@@ -116,7 +117,8 @@ def native_rows(lib: str | None, arches) -> list[dict]:
         for fn, u in sorted(usage[sm].items()):
             threads = u.get("MAX_THREADS", 0)
             rows.append({"op": "native", "kernel": u.get("name", fn), "arch": arch, "config": "-", "dtypes": "-",
-                         "status": "ok", "regs": u["REG"], "shared_bytes": u["SHARED"], "local_bytes": u["LOCAL"],
+                         "status": "ok", "regs": u["REG"], "shared_bytes": u["SHARED"],
+                         "local_bytes": u.get("STACK", 0) + u.get("LOCAL", 0),
                          "threads": threads or "",
                          "ctas_per_sm": blocks_per_sm(arch_of(arch), u["REG"], u["SHARED"], threads) if threads
                          else "", "wgmma": "-", "tma": "-", "cp_async": "-", "uses_dot": "-", "pruned": "no",
@@ -171,10 +173,10 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    headers = ["op", "kernel", "arch", "config", "dtypes", "status", "regs", "smem", "local", "thr", "CTA/SM",
-               "wgmma", "tma", "cp.async", "s"]
+    headers = ["op", "kernel", "arch", "config", "dtypes", "status", "regs", "smem", "local", "spills", "thr",
+               "CTA/SM", "wgmma", "tma", "cp.async", "s"]
     keys = ["op", "kernel", "arch", "config", "dtypes", "status", "regs", "shared_bytes", "local_bytes",
-            "threads", "ctas_per_sm", "wgmma", "tma", "cp_async", "compile_s"]
+            "spill_stores", "threads", "ctas_per_sm", "wgmma", "tma", "cp_async", "compile_s"]
     return headers, [[str(r.get(k, "")) for k in keys] for r in rows]
 
 

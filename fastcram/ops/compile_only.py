@@ -86,7 +86,8 @@ class Compiled:
     shared: int  # bytes of dynamic shared memory
     ptx: str = ""
     regs: int | None = None
-    local: int | None = None  # bytes of local memory a thread (spills)
+    local: int | None = None  # bytes of local memory a thread: spills (the stack frame) and local arrays
+    spill_stores: int | None = None  # STL instructions in the SASS: register spills
     threads: int = 0
     status: str = "ok"  # or "cannot launch: ..."
     compile_s: float = 0.0
@@ -122,6 +123,15 @@ def resource_usage(cubin: bytes) -> dict[str, dict[str, int]]:
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     return parse_resource_usage(out)
+
+
+def spill_stores(cubin: bytes) -> int:
+    """Local-memory stores (STL) in the SASS: register spills (a stack frame alone is not one)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"\bSTL(\.\w+)*\s", sass))
 
 
 def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
@@ -169,7 +179,9 @@ class _Utils:
         """Where a real driver loads the cubin: read its registers and spills instead."""
         rec = self.driver.pending.pop(name)
         usage = resource_usage(cubin).get(name, {})
-        rec.regs, rec.local = usage.get("REG"), usage.get("LOCAL")
+        # spills live in the stack frame: local memory a thread = STACK + LOCAL (the driver's LOCAL_SIZE_BYTES)
+        rec.regs, rec.local = usage.get("REG"), usage.get("STACK", 0) + usage.get("LOCAL", 0)
+        rec.spill_stores = spill_stores(cubin) if rec.local else 0
         max_threads = max_threads_per_block(self.driver.arch, rec.regs or 1)
         if rec.threads > max_threads:
             rec.status = f"cannot launch: {rec.threads} threads but its {rec.regs} registers allow {max_threads}"
