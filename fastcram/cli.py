@@ -274,6 +274,12 @@ def _add_eval(sub) -> None:
     add_parser(sub)
 
 
+def _add_export(sub) -> None:
+    from .export.cli import add_parser  # flags of `fastcram export hf` live beside the export
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastcram", description="Train crammed BERT on one GPU in a day, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_bench(sub)
     _add_eval(sub)
+    _add_export(sub)
     return parser
 
 

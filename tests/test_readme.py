@@ -12,7 +12,7 @@ def _bash_blocks():
 
 def test_ci_runs_the_readme_test_command_verbatim():
     test_cmd = _bash_blocks()[1]
-    assert "pytest" in test_cmd and "[test,corpora]" in test_cmd
+    assert "pytest" in test_cmd and "[test,corpora,hf]" in test_cmd
     ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
     assert test_cmd in ci
 

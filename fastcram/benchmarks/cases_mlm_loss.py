@@ -1,12 +1,22 @@
 """Microbenchmark cases of the sparse-prediction MLM loss (fastcram/ops/mlm_loss.py).
 
-Shapes are crammed BERT's decoder: D=768, V=32768, K predicted rows out of N = 4*K tokens (32 of 128 per
-sequence). Providers: the Triton op, the eager reference ("torch"), the compiled reference
-("torch.compile"), and PyTorch's own F.linear_cross_entropy with its chunked options where the installed
-torch has it. Each setup allocates only the inputs (two rotated sets, so the 48 MiB weight is not served
-from L2), so the runner's peak memory is the op's own extra memory plus its outputs. The fwd+bwd mode
-returns the gradients from torch.autograd.grad instead of accumulating them into .grad, so nothing
-outlives a call.
+Shapes are crammed BERT's decoder: D=768, V=32768, K predicted rows (32 of 128 tokens a sequence, so
+K = 8192 at micro-batch 256, the quick shape). Modes: "fwd" is evaluation (no grad: the op forms no
+gradient, 2*K*V*D), "fwd+bwd" is training (6*K*V*D for every provider).
+
+Providers, side by side:
+  triton                      the op: chunked cuBLAS GEMMs + the Triton cross-entropy kernel (default chunks)
+  triton(row_chunk=K/2|K/8)   the op with larger / smaller row chunks than its default K/4 (bf16), to settle
+                              the default on a GPU (K/2 is the largest chunk the memory budget allows)
+  triton(previous design)     the design before issue 18 (Triton GEMMs, logits recomputed in the backward,
+                              8*K*V*D), fastcram/benchmarks/mlm_loss_previous.py, kept only until a GPU
+                              measurement decides whether it wins anywhere
+  torch, torch.compile        the reference, eager and compiled (inductor; cuBLAS for the GEMMs)
+  linear_cross_entropy        PyTorch's own chunked F.linear_cross_entropy, where the installed torch has it
+  (Liger-Kernel's fused linear cross-entropy belongs to the peers issue's provider; see PEERS below.)
+Each setup allocates only the inputs (two rotated sets, so the 48 MiB weight is not served from L2), so the
+runner's peak memory is the op's own extra memory plus its outputs. The fwd+bwd mode returns the gradients
+from torch.autograd.grad instead of accumulating them into .grad, so nothing outlives a call.
 """
 import inspect
 
@@ -16,11 +26,12 @@ import torch.nn.functional as F
 from fastcram.benchmarks.case import Case, Unavailable, rotating
 
 D, V = 768, 32768
-K_FULL = (4096, 16384, 65536)
-K_QUICK = (16384,)
-TOKENS_PER_ROW = 4  # N = 4 * K: masking rate 0.25
+K_FULL = (2048, 8192, 32768)
+K_QUICK = (8192,)  # crammed-bert at micro-batch 256
+TOKENS_PER_ROW = 4  # N = 4 * K tokens: masking rate 0.25
 N_SETS = 2
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+CHUNK_VARIANTS = {"triton(row_chunk=K/2)": 2, "triton(row_chunk=K/8)": 8}  # provider -> K / rows a chunk
 
 
 def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
@@ -38,12 +49,21 @@ def _case(k: int, mode: str, device: str, dtype: torch.dtype) -> Case:
     read = (k * D + V * D) * e + 8 * k  # gathered rows, weight and labels
     grads = (k * D + V * D) * e  # d_rows and d_weight
     backward = mode == "fwd+bwd"
-    providers = {
-        "triton": lambda: _setup(_triton_fn(device, dtype), k, device, dtype, backward),
-        "torch": lambda: _setup(_reference(), k, device, dtype, backward),
-        "torch.compile": lambda: _setup(_compiled_reference(), k, device, dtype, backward),
-        "linear_cross_entropy": lambda: _setup(_linear_cross_entropy(), k, device, dtype, backward),
-    }
+
+    def setup(make_fn):
+        return lambda: _setup(make_fn(), k, device, dtype, backward)
+
+    providers = {"triton": setup(lambda: _op(device, dtype))}
+    for name, parts in CHUNK_VARIANTS.items():
+        providers[name] = setup(lambda parts=parts: _op(device, dtype, row_chunk=max(1, k // parts)))
+    providers.update({
+        "triton(previous design)": setup(lambda: _previous_design(device, dtype)),
+        "torch": setup(_reference),
+        "torch.compile": setup(_compiled_reference),
+        "linear_cross_entropy": setup(_linear_cross_entropy),
+        # PEERS: Liger-Kernel's LigerFusedLinearCrossEntropyLoss goes here as "liger", from the peers
+        # issue's provider module (checked against the reference before it is timed).
+    })
     return Case(op="mlm_loss", mode=mode, shape=f"K={k},N={n},D={D},V={V}", dtype=DTYPE_NAMES[dtype],
                 bound="compute", bytes=2 * read + grads if backward else read,
                 flops=(3 if backward else 1) * 2 * k * D * V, providers=providers)
@@ -69,16 +89,54 @@ def _setup(fn, k: int, device: str, dtype: torch.dtype, backward: bool):
     return rotating(call, sets)
 
 
-def _triton_fn(device: str, dtype: torch.dtype):
-    from fastcram.ops import mlm_loss as op
-
-    if not op.HAVE_TRITON:
+def _gpu_triton_check(device: str, dtype: torch.dtype, have_triton: bool) -> None:
+    if not have_triton:
         raise Unavailable("triton is not installed")
     if not device.startswith("cuda"):
         raise Unavailable("needs a CUDA GPU (the CPU interpreter is far too slow at these shapes)")
     if dtype not in (torch.bfloat16, torch.float32):
-        raise Unavailable(f"the kernel takes bf16 or fp32, not {dtype}")
-    return op.mlm_loss
+        raise Unavailable(f"the kernels take bf16 or fp32, not {dtype}")
+
+
+def _op(device: str, dtype: torch.dtype, row_chunk: int | None = None):
+    from fastcram.ops import mlm_loss as op
+
+    _gpu_triton_check(device, dtype, op.HAVE_TRITON)
+    if row_chunk is None:
+        return op.mlm_loss
+
+    def run(rows, labels, weight):  # the op's launcher with another chunk size; same backward as the op
+        return _ChunkedOp.apply(rows, labels, weight, row_chunk)
+
+    return run
+
+
+class _ChunkedOp(torch.autograd.Function):
+    """The op's forward launcher with a chosen row chunk (a benchmark knob, not a public option)."""
+
+    @staticmethod
+    def forward(ctx, rows, labels, weight, row_chunk):
+        from fastcram.ops import mlm_loss as op
+
+        loss, d_rows, d_weight = op._forward(rows, labels, weight, rows.requires_grad, weight.requires_grad,
+                                             row_chunk=row_chunk)
+        ctx.save_for_backward(d_rows, d_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from fastcram.ops import mlm_loss as op
+
+        d_rows, d_weight = ctx.saved_tensors
+        op._scale_(grad_loss, d_rows, d_weight)
+        return d_rows, None, d_weight, None
+
+
+def _previous_design(device: str, dtype: torch.dtype):
+    from fastcram.benchmarks import mlm_loss_previous as prev
+
+    _gpu_triton_check(device, dtype, prev.HAVE_TRITON)
+    return prev.mlm_loss_previous
 
 
 def _reference():

@@ -2,63 +2,73 @@
 
 Public: `mlm_loss(rows [K, D], labels [K], weight [V, D]) -> 0-d fp32 loss`, the mean over the K predicted
 rows (gathered by the model) of `logsumexp(z_k) - z_k[label_k]` with `z_k = weight @ rows[k]`. Gradients go
-to `rows` and to `weight` (accumulated in fp32, returned in weight's dtype).
+to `rows` and to `weight` (accumulated in fp32, returned in each input's dtype).
 
-The kernels below still take all hidden states plus `positions` and gather by pointer (the design before the
-model gathered the rows itself); the public function passes positions = arange(K). Internally, repeated
-positions are HANDLED: their gradients add up, through an index_add.
+What is fused: the gradient is formed in the forward. For each chunk of Kc predicted rows (Kc from the
+memory budget, see Memory):
+1. logits chunk z = rows[c] @ W^T ([Kc, V], compute dtype): torch.mm, i.e. cuBLAS on a GPU;
+2. `_cross_entropy_kernel` (Triton, one program a row, fp32 math): running max and sum of exp over the row,
+   lse, the row's loss term lse - z[label]; then, while the row is hot, it writes the logit gradient
+   (softmax - onehot) / n_valid OVER THE LOGITS CHUNK IN PLACE;
+3. d_rows[c] = g @ W ([Kc, D]) written straight into its slice of the output (torch.mm, out=);
+4. d_weight += g^T @ rows[c] ([V, D], fp32 accumulation in cuBLAS: addmm with beta = 1; for bf16 inputs
+   cuBLAS's fp32 output (`out_dtype`, torch >= 2.10 for an fp32 accumulator), so no bf16 partial is rounded).
+The loss is row_loss.sum() / n_valid. What the backward gets is only the incoming scalar: it scales the
+stored d_rows and d_weight in place (`_scale_kernel`, fp32 multiply) and returns them. No logits are
+recomputed.
 
-What is fused
-- Forward (`_fwd_kernel`): gathers the K rows by pointer (no [K, D] copy), tiles rows x vocabulary
-  (BLOCK_K x BLOCK_V, reduction over D in BLOCK_D steps with tl.dot, fp32 accumulation) and keeps an online
-  softmax (running max and sum, fp32) per row plus the label's logit. Logits exist only tile by tile.
-  The vocabulary is split over NUM_SPLITS programs per row block so that small K still fills the GPU; a
-  tiny `_combine_kernel` merges the (max, sum, label logit) partials into the per-row logsumexp.
-- Saved for backward: the inputs (no copies) and the per-row logsumexp `lse` [K] fp32. Nothing of size V*K.
-  The loss is row_loss.sum() / n_valid with n_valid = K unless labels are ignored (see Limits).
-- Backward: SECOND PASS THAT RECOMPUTES the logit tiles from `lse`, one vocabulary chunk (Vc columns,
-  about V/8) at a time: `_dlogits_kernel` writes dl = (softmax - onehot) * grad / K for the chunk
-  ([K, Vc], compute dtype); `_drows_kernel` (tiled over K x D, loops over the chunk's V) accumulates
-  d_rows += dl @ W[chunk] in an fp32 [K, D] buffer; `_dweight_kernel` (tiled over Vc x D, loops over all
-  K rows, gathering them by position) writes d_weight[chunk] = dl^T @ rows once, fp32 accumulation, stored
-  in weight's dtype. No atomics: every output tile has one writer; chunks follow each other in stream order.
-  d_hidden = zeros.index_add_(positions, d_rows), so repeated positions accumulate.
+Saved for backward: d_rows [K, D] and d_weight [V, D], which are the gradients themselves. Not the inputs.
+Without grad (evaluation, or no input requiring grad) only steps 1-2 run, with no gradient write: 2*K*V*D.
+When only one of rows / weight requires grad, only its GEMM runs (4*K*V*D).
 
-Why recompute and not the same pass: the softmax of a row needs its whole-vocabulary logsumexp before any
-gradient element is known, so a single sweep would have to keep the logits ([K, V] bf16 = 1/2 of the fp32
-logits, over the memory goal). And folding d_rows / d_weight into the logit sweep needs a [BLOCK, D] fp32
-accumulator per program (128 x 768 x 4 B = 384 KiB, more than a 256 KiB register file), or atomics into
-d_weight. So the gradient GEMMs read a materialised dl chunk instead.
+Cost, K predicted rows, V vocabulary, D hidden, e bytes per element, Kc rows a chunk, n = K / Kc chunks:
+- FLOPs: 2*K*V*D (logits) + 2*K*V*D (d_rows) + 2*K*V*D (d_weight) = 6*K*V*D with grad, exactly the
+  reference's; 2*K*V*D without. The softmax/gradient pass adds ~10 FLOPs an element, O(K*V).
+- Bytes from memory: the logits/gradient chunk is written by the GEMM, read by the kernel (a second
+  pass re-reads the row, mostly from L2), rewritten in place, and read by the two GEMMs: ~5*K*V*e. W is
+  read twice a chunk (2*n*V*D*e); the fp32 d_weight accumulator is read and written once a chunk
+  (8*(n-1)*V*D + 4*V*D) and, for bf16, cast once to the bf16 output.
+- crammed-bert, micro-batch 256: K = 8192 (32 of 128 tokens), D = 768, V = 32768, bf16, Kc = 2048 (n = 4):
+  6*K*V*D = 1.24 TFLOP (0.41 TFLOP without grad); ~2.5 GiB of logits/gradient traffic (K*V*e = 512 MiB a
+  pass), 0.38 GiB of W reads, 0.66 GiB of fp32 accumulator traffic, 0.14 GiB for the final cast: ~3.7 GiB.
+  At the H200's nominal 989 TFLOP/s and 4.8 TB/s that is >= 1.25 ms of math against ~0.8 ms of traffic,
+  most of it inside the compute-bound GEMMs (by arithmetic; not measured yet). The reference moves about
+  the same bytes (it writes the bf16 logits, reads them in the loss, reads them again and writes their
+  gradient in the backward) and holds 1 GiB of them.
 
-Cost (K predicted rows, V vocabulary, D hidden, N tokens; e = bytes per element; Vc = chunk width):
-- forward  2*K*V*D FLOPs; bytes ~ (K + V)*D*e from HBM (W tiles are shared through L2) + 12*S*K partials.
-- backward 6*K*V*D FLOPs (2 recompute + 2 d_rows + 2 d_weight); dl: K*V*e written + 2*K*V*e read;
-  fp32 d_rows read-modify-write 8*K*D per chunk; outputs N*D*e + V*D*e (+ the zero fill of d_hidden).
-- Total 8*K*V*D FLOPs vs 6*K*V*D for the reference, which instead moves ~12*K*V bytes of logits.
-  K=16384, D=768, V=32768, bf16: 3.3 TFLOP (reference 2.5 TFLOP + ~6.4 GB of logits traffic); here
-  ~3.2 GB of dl traffic + 0.8 GB of d_rows updates. The op is compute bound.
-- Peak extra memory: the dl chunk K*Vc*e (~K*V/4 bytes in bf16 = 1/16 of the fp32 logits) + the fp32
-  d_rows buffer K*D*4 + d_rows in the output dtype + the outputs; at K=16384: 128 + 48 + 24 MiB + outputs
-  (d_hidden 96 MiB at N=4K, d_weight 48 MiB), under the 512 MiB = 1/4 of the fp32 logits. The reference
-  holds >= 4*K*V bytes (bf16 logits and their gradient): 2 GiB.
+Memory (extra = beyond the inputs, the loss, and the gradients it returns, d_rows and the fp32 weight
+gradient among them): the logits chunk Kc*V*e, Kc chosen so that it is half the budget, i.e. Kc = K/(2e)
+rows (K/4 in bf16, K/8 in fp32; for K >= 128 rounded down to a multiple of 64), and [K] fp32 row losses.
+The budget is a quarter of the fp32 [K, V] logits, K*V bytes. At crammed-bert's shape: 128 MiB of logits
+chunk (+ 96 MiB for the fp32 accumulator of a bf16 weight, freed at the end of the forward once cast to the
+bf16 d_weight) against the 256 MiB budget. The backward scales in place and allocates nothing. A bf16
+chunk of 2048 x 32768 keeps every GEMM large (each >= 100 GFLOP). `row_chunk` overrides Kc.
 
 Limits
-- hidden [N, D] and weight [V, D] share one dtype, fp32 or bf16 (fp16 is refused: dl = p / K underflows).
-- positions and labels are int32/int64 [K], K >= 1 (static: the launch never reads their values on the
-  host). Labels equal to -100 are ignored exactly like F.cross_entropy's default ignore_index (no loss, no
-  gradient, excluded from the mean; the count stays on the device). Any other label outside [0, V) is NOT
-  checked on the GPU (a check would need a host sync): that row's label logit counts as 0, so it adds its
-  logsumexp to the loss and its plain softmax to the gradient. Positions outside [0, N) are undefined
-  behaviour on the GPU. On CPU (the interpreter) both are checked and raise ValueError.
-- Autocast: registered for "cuda" with torch.library.register_autocast, casting hidden and weight to bf16,
+- rows [K, D] and weight [V, D] share one dtype, fp32 or bf16 (fp16 is refused: (p - onehot) / K
+  underflows). labels are int32/int64 [K], K >= 1. Any strides.
+- Labels equal to -100 are ignored exactly like F.cross_entropy's default ignore_index (no loss, no
+  gradient, excluded from the mean; the count stays on the device, so there is no host sync). Any other
+  label outside [0, V) is NOT checked on the GPU (a check would need a host sync): that row's label logit
+  counts as 0, so it adds its logsumexp to the loss and its plain softmax to the gradient. On the CPU (the
+  interpreter) labels are checked and raise ValueError.
+- Backward runs once per forward: a second backward through the same graph (retain_graph=True) raises
+  autograd's "modified by an inplace operation" error instead of scaling the gradients twice.
+- The forward op's gradient outputs are internal: the backward scales them in place, which is sound (and
+  compiles; inductor reuses their buffers) because the public function never hands them out. A graph that
+  returned them to its caller could not be partitioned by AOTAutograd, so opcheck's aot_dispatch test is
+  left out for the variants with gradients (tests/test_mlm_loss.py::test_opcheck).
+- Autocast: registered for "cuda" with torch.library.register_autocast, casting rows and weight to bf16,
   which is what F.linear in the reference does under autocast(bfloat16); the weight gradient then comes
-  back in bf16 and autograd casts it to the fp32 parameter's dtype, as for the reference.
-- fp32 inputs use input_precision="ieee" in tl.dot (exact fp32, for the 1e-5 tests); bf16 uses tensor cores.
+  back in bf16 (rounded once from the fp32 accumulator) and autograd casts it to the fp32 parameter's dtype,
+  as for the reference.
+- Deterministic: no atomics; fixed chunking; cuBLAS GEMMs and torch's sums are run to run identical.
+- FLOPs are registered with torch.utils.flop_counter, so FlopCounterMode (and tools built on it) counts
+  6*K*V*D (2*K*V*D without grad) for the forward op and 0 for the in-place scaling.
 """
-import functools
-
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from fastcram.ops._triton import HAVE_TRITON, interpreting, tl, triton, triton_unavailable_reason
 
@@ -75,368 +85,221 @@ def mlm_loss_ref(rows: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor)
 # ------------------------------------------------------------------------------------------------ kernels
 if HAVE_TRITON:
 
-    def _configs(gpu: list, interp: dict) -> list:
-        """Autotune candidates; exactly one (small tiles) in the CPU interpreter."""
-        if interpreting():
-            return [triton.Config(interp, num_warps=1, num_stages=1)]
-        return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
-
-    _LOGIT_CONFIGS = _configs(
-        [({"BLOCK_K": 128, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 3),
-         ({"BLOCK_K": 128, "BLOCK_V": 256, "BLOCK_D": 64}, 8, 3),
-         ({"BLOCK_K": 64, "BLOCK_V": 128, "BLOCK_D": 64}, 4, 4),
-         ({"BLOCK_K": 128, "BLOCK_V": 128, "BLOCK_D": 32}, 4, 4)],
-        {"BLOCK_K": 16, "BLOCK_V": 128, "BLOCK_D": 16})
-    _DROWS_CONFIGS = _configs(
-        [({"BLOCK_K": 128, "BLOCK_D": 128, "BLOCK_V": 64}, 8, 3),
-         ({"BLOCK_K": 128, "BLOCK_D": 256, "BLOCK_V": 64}, 8, 3),
-         ({"BLOCK_K": 128, "BLOCK_D": 64, "BLOCK_V": 64}, 4, 4),
-         ({"BLOCK_K": 64, "BLOCK_D": 128, "BLOCK_V": 64}, 4, 4)],
-        {"BLOCK_K": 16, "BLOCK_D": 16, "BLOCK_V": 128})
-    _DWEIGHT_CONFIGS = _configs(
-        [({"BLOCK_V": 128, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 3),
-         ({"BLOCK_V": 128, "BLOCK_D": 256, "BLOCK_K": 64}, 8, 3),
-         ({"BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 4),
-         ({"BLOCK_V": 64, "BLOCK_D": 128, "BLOCK_K": 64}, 4, 4)],
-        {"BLOCK_V": 128, "BLOCK_D": 16, "BLOCK_K": 16})
-
     @triton.jit
-    def _logits_tile(h_ptr, row_off, k_mask, w_ptr, v, v_mask, D, stride_w,
-                     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
-        """z[BLOCK_K, BLOCK_V] = rows @ W[v]^T in fp32; rows addressed by row_off (gathered)."""
-        z = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
-        w_off = v.to(tl.int64) * stride_w  # [BLOCK_V]
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = d < D
-            a = tl.load(h_ptr + row_off[:, None] + d[None, :],
-                        mask=k_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_D]
-            b = tl.load(w_ptr + w_off[None, :] + d[:, None],
-                        mask=d_mask[:, None] & v_mask[None, :], other=0.0)  # [BLOCK_D, BLOCK_V]
-            z = tl.dot(a, b, z, input_precision=DOT_PREC)
-        return z
-
-    @triton.autotune(configs=_LOGIT_CONFIGS, key=["K", "V", "D"])
-    @triton.jit
-    def _fwd_kernel(h_ptr, pos_ptr, lab_ptr, w_ptr, m_ptr, s_ptr, t_ptr,
-                    K, V, D, stride_h, stride_w, NUM_SPLITS,
-                    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
-        """Per (row block, vocabulary split): running max m, sum s of exp(z - m), label logit t."""
-        pid_k = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        pos = tl.load(pos_ptr + k, mask=k_mask, other=0).to(tl.int64)
-        lab = tl.load(lab_ptr + k, mask=k_mask, other=-1)
-        row_off = pos * stride_h  # [BLOCK_K]
-        tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), NUM_SPLITS)
-        v_begin = pid_s * tiles_per_split * BLOCK_V
-        v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
-        m = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-        s = tl.zeros((BLOCK_K,), tl.float32)
-        t = tl.zeros((BLOCK_K,), tl.float32)
-        for v0 in range(v_begin, v_end, BLOCK_V):
-            v = v0 + tl.arange(0, BLOCK_V)
-            v_mask = v < v_end
-            z = _logits_tile(h_ptr, row_off, k_mask, w_ptr, v, v_mask, D, stride_w,
-                             BLOCK_K, BLOCK_V, BLOCK_D, DOT_PREC)
-            z = tl.where(v_mask[None, :], z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    def _cross_entropy_kernel(z_ptr, lab_ptr, loss_ptr, inv_valid_ptr, V, stride_z,
+                              WRITE_GRAD: tl.constexpr, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One row of the logits chunk: its loss term, and (WRITE_GRAD) its gradient over the logits."""
+        row = tl.program_id(0)
+        z_row = z_ptr + row.to(tl.int64) * stride_z
+        lab = tl.load(lab_ptr + row)
+        cols = tl.arange(0, BLOCK_V)
+        # pass 1: running max m and sum s of exp(z - m), fp32; 0-d accumulators
+        m = tl.max(tl.full((BLOCK_V,), float("-inf"), tl.float32), axis=0)
+        s = tl.sum(tl.zeros((BLOCK_V,), tl.float32), axis=0)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + cols
+            z = tl.load(z_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, axis=0))  # finite from the first block on: it has a column
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
-            t += tl.sum(tl.where(v[None, :] == lab[:, None], z, 0.0), axis=1)
-        out = pid_s * K + k
-        tl.store(m_ptr + out, m, mask=k_mask)  # -inf, s = 0 for an empty split
-        tl.store(s_ptr + out, s, mask=k_mask)
-        tl.store(t_ptr + out, t, mask=k_mask)
+        lse = m + tl.log(s)
+        valid = lab != IGNORE
+        in_range = (lab >= 0) & (lab < V)
+        target = tl.load(z_row + lab, mask=in_range, other=0.0).to(tl.float32)  # read before pass 2
+        tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+        if WRITE_GRAD:
+            # pass 2, in place: (softmax - onehot) / n_valid; zero for an ignored row
+            scale = tl.where(valid, tl.load(inv_valid_ptr), 0.0)
+            for v0 in range(0, V, BLOCK_V):
+                v = v0 + cols
+                z = tl.load(z_row + v, mask=v < V, other=0.0).to(tl.float32)
+                g = (tl.exp(z - lse) - tl.where(v == lab, 1.0, 0.0)) * scale
+                tl.store(z_row + v, g.to(z_ptr.dtype.element_ty), mask=v < V)
 
     @triton.jit
-    def _combine_kernel(m_ptr, s_ptr, t_ptr, lab_ptr, lse_ptr, loss_ptr, K, NUM_SPLITS,
-                        IGNORE: tl.constexpr, BLOCK: tl.constexpr):
-        """Merge the split partials: lse = m + log(s); row loss = lse - label logit (0 if ignored)."""
-        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        k_mask = k < K
-        m = tl.full((BLOCK,), float("-inf"), tl.float32)
-        s = tl.zeros((BLOCK,), tl.float32)
-        t = tl.zeros((BLOCK,), tl.float32)
-        for i in range(0, NUM_SPLITS):
-            m_i = tl.load(m_ptr + i * K + k, mask=k_mask, other=float("-inf"))
-            s_i = tl.load(s_ptr + i * K + k, mask=k_mask, other=0.0)
-            m_new = tl.maximum(m, m_i)
-            # an empty split (or the start) has m = -inf; a finite reference avoids -inf - -inf = nan
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_ref) + s_i * tl.exp(m_i - m_ref)
-            m = m_new
-            t += tl.load(t_ptr + i * K + k, mask=k_mask, other=0.0)
-        lse = m + tl.log(tl.where(k_mask, s, 1.0))  # padding lanes have s = 0
-        lab = tl.load(lab_ptr + k, mask=k_mask, other=IGNORE)
-        tl.store(lse_ptr + k, lse, mask=k_mask)
-        tl.store(loss_ptr + k, tl.where(lab != IGNORE, lse - t, 0.0), mask=k_mask)
-
-    @triton.autotune(configs=_LOGIT_CONFIGS, key=["K", "V", "D", "v_count"])
-    @triton.jit
-    def _dlogits_kernel(h_ptr, pos_ptr, lab_ptr, w_ptr, lse_ptr, scale_ptr, dl_ptr,
-                        K, V, D, v_begin, v_count, stride_h, stride_w, stride_dl,
-                        IGNORE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-        """dl[k, j] = (exp(z - lse) - [v == label]) * grad / n_valid for columns v = v_begin + j."""
-        pid_k = tl.program_id(0)
-        pid_v = tl.program_id(1)
-        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        pos = tl.load(pos_ptr + k, mask=k_mask, other=0).to(tl.int64)
-        lab = tl.load(lab_ptr + k, mask=k_mask, other=IGNORE)
-        j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
-        j_mask = j < v_count
-        v = v_begin + j
-        z = _logits_tile(h_ptr, pos * stride_h, k_mask, w_ptr, v, j_mask, D, stride_w,
-                         BLOCK_K, BLOCK_V, BLOCK_D, DOT_PREC)
-        lse = tl.load(lse_ptr + k, mask=k_mask, other=0.0)
-        scale = tl.load(scale_ptr)  # grad_output / n_valid, a device scalar: no host sync
-        p = tl.exp(z - lse[:, None])  # [BLOCK_K, BLOCK_V]
-        g = (p - tl.where(v[None, :] == lab[:, None], 1.0, 0.0)) * scale
-        g = tl.where((lab != IGNORE)[:, None], g, 0.0)
-        ptrs = dl_ptr + k.to(tl.int64)[:, None] * stride_dl + j[None, :]
-        tl.store(ptrs, g.to(dl_ptr.dtype.element_ty), mask=k_mask[:, None] & j_mask[None, :])
-
-    @triton.autotune(configs=_DROWS_CONFIGS, key=["K", "D", "v_count"], restore_value=["acc_ptr"])
-    @triton.jit
-    def _drows_kernel(dl_ptr, w_ptr, acc_ptr, out_ptr, K, D, v_begin, v_count, stride_dl, stride_w,
-                      ACCUMULATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_V: tl.constexpr, DOT_PREC: tl.constexpr):
-        """out[K, D] = (acc if ACCUMULATE else 0) + dl[K, v_count] @ W[v_begin:v_begin+v_count]."""
-        pid = tl.program_id(0)
-        n_d = tl.cdiv(D, BLOCK_D)
-        pid_k = pid // n_d  # D fastest: neighbours share the dl panel in L2
-        pid_d = pid % n_d
-        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        k64 = k.to(tl.int64)
-        tile = k64[:, None] * D + d[None, :]  # acc and out are contiguous [K, D]
-        tile_mask = k_mask[:, None] & d_mask[None, :]
-        if ACCUMULATE:
-            acc = tl.load(acc_ptr + tile, mask=tile_mask, other=0.0)
-        else:
-            acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-        for j0 in range(0, v_count, BLOCK_V):
-            j = j0 + tl.arange(0, BLOCK_V)
-            j_mask = j < v_count
-            a = tl.load(dl_ptr + k64[:, None] * stride_dl + j[None, :],
-                        mask=k_mask[:, None] & j_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_V]
-            b = tl.load(w_ptr + (v_begin + j).to(tl.int64)[:, None] * stride_w + d[None, :],
-                        mask=j_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
-
-    @triton.autotune(configs=_DWEIGHT_CONFIGS, key=["K", "D", "v_count"])
-    @triton.jit
-    def _dweight_kernel(dl_ptr, h_ptr, pos_ptr, dw_ptr, K, D, v_begin, v_count, stride_dl, stride_h,
-                        stride_dw, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PREC: tl.constexpr):
-        """dw[v_begin + j, :] = sum_k dl[k, j] * hidden[positions[k], :] (fp32 accumulation)."""
-        pid = tl.program_id(0)
-        n_d = tl.cdiv(D, BLOCK_D)
-        pid_v = pid // n_d  # D fastest: neighbours share the dl^T panel in L2
-        pid_d = pid % n_d
-        j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        j_mask = j < v_count
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k < K
-            pos = tl.load(pos_ptr + k, mask=k_mask, other=0).to(tl.int64)
-            a = tl.load(dl_ptr + k.to(tl.int64)[None, :] * stride_dl + j[:, None],
-                        mask=j_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_V, BLOCK_K]
-            b = tl.load(h_ptr + pos[:, None] * stride_h + d[None, :],
-                        mask=k_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_D]
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        ptrs = dw_ptr + (v_begin + j).to(tl.int64)[:, None] * stride_dw + d[None, :]
-        tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=j_mask[:, None] & d_mask[None, :])
+    def _scale_kernel(x_ptr, s_ptr, n, BLOCK: tl.constexpr):
+        """x *= s in place, the multiply in fp32 (s is the fp32 incoming gradient, a device scalar)."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        tl.store(x_ptr + i, (x * tl.load(s_ptr)).to(x_ptr.dtype.element_ty), mask=i < n)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
 _DTYPES = (torch.float32, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_V_CHUNKS = 8  # backward vocabulary chunks: the dl buffer is ~K*V/8 elements
+_GPU_BLOCK_V = 4096  # columns a step of the cross-entropy kernel (8 KiB of a bf16 row)
+_SCALE_BLOCK = 4096
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
-    """Allocation of every kernel-written buffer (tests swap it for NaN-filled ones)."""
+    """Allocation of every buffer a kernel or GEMM writes (tests swap it for NaN-filled ones)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _check_inputs(hidden, positions, labels, weight) -> None:
-    why = triton_unavailable_reason(hidden.device.type)
+def _check_inputs(rows, labels, weight) -> None:
+    why = triton_unavailable_reason(rows.device.type)
     if why is not None:
         raise ValueError(f"mlm_loss (fastcram/ops/mlm_loss.py): {why}; or use --kernels torch")
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"mlm_loss: hidden must be [N, D] and weight [V, D]; got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)} (flatten the batch before the call)")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"mlm_loss: hidden has D={hidden.shape[1]} but weight has D={weight.shape[1]}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in _DTYPES:
-        raise ValueError(f"mlm_loss: hidden and weight must share one dtype, float32 or bfloat16; got "
-                         f"{hidden.dtype} and {weight.dtype} (run under autocast or cast them)")
-    if positions.dim() != 1 or labels.shape != positions.shape or positions.numel() == 0:
-        raise ValueError(f"mlm_loss: positions and labels must be non-empty [K] tensors of one length; "
-                         f"got {tuple(positions.shape)} and {tuple(labels.shape)}")
-    if positions.dtype not in _INDEX_DTYPES or labels.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"mlm_loss: positions and labels must be int32 or int64; got {positions.dtype} "
-                         f"and {labels.dtype}")
-    devices = {t.device for t in (hidden, positions, labels, weight)}
+    if rows.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"mlm_loss: rows must be [K, D] and weight [V, D]; got {tuple(rows.shape)} and "
+                         f"{tuple(weight.shape)} (gather the predicted rows into one [K, D] tensor)")
+    if rows.shape[1] != weight.shape[1]:
+        raise ValueError(f"mlm_loss: rows have D={rows.shape[1]} but weight has D={weight.shape[1]}")
+    if rows.dtype != weight.dtype or rows.dtype not in _DTYPES:
+        raise ValueError(f"mlm_loss: rows and weight must share one dtype, float32 or bfloat16; got "
+                         f"{rows.dtype} and {weight.dtype} (run under autocast or cast them)")
+    if labels.dim() != 1 or labels.shape[0] != rows.shape[0] or rows.shape[0] == 0:
+        raise ValueError(f"mlm_loss: labels must be [K] with K = rows.shape[0] >= 1 (non-empty, one length); "
+                         f"got rows {tuple(rows.shape)} and labels {tuple(labels.shape)}")
+    if labels.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"mlm_loss: labels must be int32 or int64; got {labels.dtype}")
+    devices = {t.device for t in (rows, labels, weight)}
     if len(devices) != 1:
         raise ValueError(f"mlm_loss: all inputs must be on one device; got {sorted(map(str, devices))}")
-    if hidden.device.type == "cpu":
-        _check_values_cpu(positions, labels, hidden.shape[0], weight.shape[0])
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and torch.torch_version.TorchVersion(torch.__version__) < "2.10":
+        raise ValueError(f"mlm_loss: bf16 needs torch >= 2.10 (addmm of bf16 operands into an fp32 accumulator, "
+                         f"out_dtype); this is torch {torch.__version__}: upgrade it or use --kernels torch")
+    if rows.device.type == "cpu":
+        _check_labels_cpu(labels, weight.shape[0])
 
 
-def _check_values_cpu(positions, labels, n_rows: int, vocab: int) -> None:
+def _check_labels_cpu(labels, vocab: int) -> None:
     """Debug range check, only where reading values costs no device sync (CPU / interpreter)."""
-    if bool(((positions < 0) | (positions >= n_rows)).any()):
-        raise ValueError(f"mlm_loss: positions must lie in [0, {n_rows}) (rows of hidden)")
     bad = ((labels < 0) | (labels >= vocab)) & (labels != IGNORE_INDEX)
     if bool(bad.any()):
         raise ValueError(f"mlm_loss: labels must lie in [0, {vocab}) or equal {IGNORE_INDEX} (ignored)")
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def default_row_chunk(k: int, dtype: torch.dtype) -> int:
+    """Rows a chunk: the [Kc, V] chunk is half the budget (K*V bytes = a quarter of the fp32 logits)."""
+    kc = max(1, k // (2 * torch.empty((), dtype=dtype).element_size()))
+    return kc - kc % 64 if kc >= 128 else kc  # GEMM-friendly row counts at real sizes
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for bf16 operands
+def _block_v(v: int) -> int:
+    if interpreting():
+        return min(triton.next_power_of_2(v), 1024)  # numpy blocks: few, large steps
+    return min(triton.next_power_of_2(v), _GPU_BLOCK_V)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _accumulate_d_weight(acc, g_t, rows_c, first: bool) -> None:
+    """acc [V, D] (+)= g_t [V, Kc] @ rows_c [Kc, D], fp32 accumulation; acc is fp32 or the inputs' dtype."""
+    if acc.dtype == g_t.dtype:
+        if first:
+            torch.mm(g_t, rows_c, out=acc)
+        else:
+            acc.addmm_(g_t, rows_c)
+    elif acc.is_cuda:  # bf16 operands, fp32 accumulator: cuBLAS writes fp32 itself
+        if first:
+            torch.mm(g_t, rows_c, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, g_t, rows_c, out_dtype=torch.float32, out=acc)
+    else:  # bf16 in the CPU interpreter (tests only): fp32 copies of the operands
+        if first:
+            torch.mm(g_t.float(), rows_c.float(), out=acc)
+        else:
+            acc.addmm_(g_t.float(), rows_c.float())
 
 
-def _default_splits(k: int, v: int, device: torch.device) -> int:
-    """Vocabulary splits so that ~4 programs per SM exist even when K is small (host math only)."""
-    v_tiles = triton.cdiv(v, 128)
-    if device.type != "cuda":
-        return min(2, v_tiles)  # the interpreter: still exercise the combine
-    row_blocks = triton.cdiv(k, 128)
-    return max(1, min(v_tiles, triton.cdiv(4 * _sm_count(device.index or 0), row_blocks)))
-
-
-def _default_v_chunk(v: int) -> int:
-    return triton.cdiv(triton.cdiv(v, _V_CHUNKS), 128) * 128  # multiple of 128: aligned dl rows
-
-
-def _grid2(block_a: str, size_a: int, block_b: str, size_b: int):
-    """2-D launch grid over two sizes, tiled by the autotuned block sizes."""
-    return lambda meta: (triton.cdiv(size_a, meta[block_a]), triton.cdiv(size_b, meta[block_b]))
-
-
-def _grid_flat(block_a: str, size_a: int, block_b: str, size_b: int):
-    """The same tiles as one flat axis, b fastest (the kernel splits the program id)."""
-    return lambda meta: (triton.cdiv(size_a, meta[block_a]) * triton.cdiv(size_b, meta[block_b]),)
-
-
-def _forward(hidden, positions, labels, weight, num_splits: int | None = None):
-    """(loss 0-d fp32, lse [K] fp32)."""
-    _check_inputs(hidden, positions, labels, weight)
-    hidden, weight = _row_major(hidden), _row_major(weight)
-    positions, labels = positions.contiguous(), labels.contiguous()
-    (k,), (v, d), dev = positions.shape, weight.shape, hidden.device
-    splits = num_splits or _default_splits(k, v, dev)
-    m, s, t = (_empty((splits, k), torch.float32, dev) for _ in range(3))  # [S, K] partials
-    _fwd_kernel[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits)](
-        hidden, positions, labels, weight, m, s, t, k, v, d, hidden.stride(0), weight.stride(0), splits,
-        DOT_PREC=_dot_precision(hidden.dtype))
-    lse = _empty((k,), torch.float32, dev)
-    row_loss = _empty((k,), torch.float32, dev)
-    block = 128
-    _combine_kernel[(triton.cdiv(k, block),)](m, s, t, labels, lse, row_loss, k, splits,
-                                              IGNORE=IGNORE_INDEX, BLOCK=block)
+def _forward(rows, labels, weight, grad_rows: bool, grad_weight: bool, row_chunk: int | None = None,
+             block_v: int | None = None):
+    """(loss 0-d fp32, d_rows [K, D] or [0], d_weight [V, D] or [0]): the gradients of the mean loss."""
+    _check_inputs(rows, labels, weight)
+    labels = labels.contiguous()
+    (k, d), v, dev, dtype = rows.shape, weight.shape[0], rows.device, rows.dtype
+    kc = min(k, row_chunk or default_row_chunk(k, dtype))
+    write_grad = grad_rows or grad_weight
     n_valid = (labels != IGNORE_INDEX).sum()  # stays on the device
-    return row_loss.sum() / n_valid, lse
+    inv_valid = (1.0 / n_valid).to(torch.float32).reshape(1)
+    logits = _empty((kc, v), dtype, dev)  # one row chunk of logits, overwritten by their gradient
+    row_loss = _empty((k,), torch.float32, dev)  # [K]
+    d_rows = _empty((k, d), dtype, dev) if grad_rows else rows.new_empty((0,))
+    d_weight = _empty((v, d), dtype, dev) if grad_weight else weight.new_empty((0,))
+    acc = d_weight if dtype == torch.float32 or not grad_weight else _empty((v, d), torch.float32, dev)
+    bv = block_v or _block_v(v)
+    with torch.autocast(dev.type, enabled=False):  # the chunk GEMMs run in the inputs' dtype, into out=
+        for c0 in range(0, k, kc):  # static: K and Kc are shapes
+            c1 = min(c0 + kc, k)
+            z = logits[: c1 - c0]  # [kc, V]
+            rows_c = rows[c0:c1]  # [kc, D]
+            torch.mm(rows_c, weight.t(), out=z)
+            _cross_entropy_kernel[(c1 - c0,)](z, labels[c0:c1], row_loss[c0:c1], inv_valid, v, z.stride(0),
+                                              WRITE_GRAD=write_grad, IGNORE=IGNORE_INDEX, BLOCK_V=bv,
+                                              num_warps=1 if interpreting() else 8)
+            if grad_rows:
+                torch.mm(z, weight, out=d_rows[c0:c1])  # [kc, D]
+            if grad_weight:
+                _accumulate_d_weight(acc, z.t(), rows_c, first=c0 == 0)  # [V, D]
+    if acc is not d_weight:
+        d_weight.copy_(acc)  # the one rounding to bf16
+    return row_loss.sum() / n_valid, d_rows, d_weight
 
 
-def _backward(grad, hidden, positions, labels, weight, lse, v_chunk: int | None = None):
-    """(d_hidden [N, D] in hidden's dtype, d_weight [V, D] in weight's dtype)."""
-    _check_inputs(hidden, positions, labels, weight)
-    hidden, weight = _row_major(hidden), _row_major(weight)
-    positions, labels, lse = positions.contiguous(), labels.contiguous(), lse.contiguous()
-    (k,), (v, d), dev = positions.shape, weight.shape, hidden.device
-    prec = _dot_precision(hidden.dtype)
-    scale = (grad.to(torch.float32) / (labels != IGNORE_INDEX).sum()).reshape(1)  # device scalar
-    vc = min(v_chunk or _default_v_chunk(v), v)
-    n_chunks = triton.cdiv(v, vc)
-    dl = _empty((k, vc), hidden.dtype, dev)  # one vocabulary chunk of d(loss)/d(logits)
-    d_weight = _empty((v, d), weight.dtype, dev)
-    d_rows = _empty((k, d), hidden.dtype, dev)  # [K, D]
-    in_place = hidden.dtype == torch.float32 or n_chunks == 1
-    acc = d_rows if in_place else _empty((k, d), torch.float32, dev)  # fp32 sum over chunks
-    for c in range(n_chunks):  # static count: V and the chunk size are shapes
-        v_begin = c * vc
-        v_count = min(vc, v - v_begin)
-        last = c == n_chunks - 1
-        _dlogits_kernel[_grid2("BLOCK_K", k, "BLOCK_V", v_count)](
-            hidden, positions, labels, weight, lse, scale, dl, k, v, d, v_begin, v_count,
-            hidden.stride(0), weight.stride(0), dl.stride(0), IGNORE=IGNORE_INDEX, DOT_PREC=prec)
-        _drows_kernel[_grid_flat("BLOCK_K", k, "BLOCK_D", d)](
-            dl, weight, acc, d_rows if last else acc, k, d, v_begin, v_count, dl.stride(0),
-            weight.stride(0), ACCUMULATE=c > 0, DOT_PREC=prec)
-        _dweight_kernel[_grid_flat("BLOCK_V", v_count, "BLOCK_D", d)](
-            dl, hidden, positions, d_weight, k, d, v_begin, v_count, dl.stride(0), hidden.stride(0),
-            d_weight.stride(0), DOT_PREC=prec)
-    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev)  # [N, D]
-    d_hidden.index_add_(0, positions, d_rows)  # repeated positions add up
-    return d_hidden, d_weight
+def _scale_(grad, *tensors) -> None:
+    """Every tensor *= grad (0-d fp32 on the device), in place."""
+    s = grad.to(torch.float32).reshape(1)
+    for x in tensors:
+        n = x.numel()
+        if n:  # an empty [0] stands for a gradient that was not asked for
+            _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](x, s, n, BLOCK=_SCALE_BLOCK, num_warps=8)
 
 
 # ------------------------------------------------------------------------------------------- registration
 @torch.library.custom_op("fastcram::mlm_loss_fwd", mutates_args=())
-def _mlm_loss_fwd_op(hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
-                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(hidden, positions, labels, weight)
+def _mlm_loss_fwd_op(rows: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, grad_rows: bool,
+                     grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(rows, labels, weight, grad_rows, grad_weight)
 
 
 @_mlm_loss_fwd_op.register_fake
-def _(hidden, positions, labels, weight):
-    k = positions.shape[0]
-    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((k,), dtype=torch.float32)
+def _(rows, labels, weight, grad_rows, grad_weight):
+    loss = rows.new_empty((), dtype=torch.float32)
+    d_rows = rows.new_empty(rows.shape if grad_rows else (0,))
+    d_weight = weight.new_empty(weight.shape if grad_weight else (0,))
+    return loss, d_rows, d_weight
 
 
-@torch.library.custom_op("fastcram::mlm_loss_bwd", mutates_args=())
-def _mlm_loss_bwd_op(grad: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                     labels: torch.Tensor, weight: torch.Tensor,
-                     lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(grad, hidden, positions, labels, weight, lse)
+@torch.library.custom_op("fastcram::mlm_loss_scale_", mutates_args=("d_rows", "d_weight"))
+def _mlm_loss_scale_op(grad: torch.Tensor, d_rows: torch.Tensor, d_weight: torch.Tensor) -> None:
+    _scale_(grad, d_rows, d_weight)
 
 
-@_mlm_loss_bwd_op.register_fake
-def _(grad, hidden, positions, labels, weight, lse):
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)  # contiguous, like the kernels
+@_mlm_loss_scale_op.register_fake
+def _(grad, d_rows, d_weight):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, positions, labels, weight = inputs
-    ctx.save_for_backward(hidden, positions, labels, weight, output[1])
+    _, d_rows, d_weight = output
+    ctx.mark_non_differentiable(d_rows, d_weight)  # the stored gradients, not results
+    ctx.set_materialize_grads(False)  # no zero-filled [K, D] and [V, D] "gradients" for them
+    ctx.save_for_backward(d_rows, d_weight)
+    ctx.grad_rows, ctx.grad_weight = inputs[3], inputs[4]
 
 
-def _backward_rule(ctx, grad_loss, grad_lse):
-    hidden, positions, labels, weight, lse = ctx.saved_tensors
-    d_hidden, d_weight = _mlm_loss_bwd_op(grad_loss, hidden, positions, labels, weight, lse)
-    return d_hidden, None, None, d_weight  # lse is internal: its gradient is ignored
+def _backward_rule(ctx, grad_loss, _grad_d_rows, _grad_d_weight):
+    d_rows, d_weight = ctx.saved_tensors
+    _mlm_loss_scale_op(grad_loss, d_rows, d_weight)
+    return (d_rows if ctx.grad_rows else None), None, (d_weight if ctx.grad_weight else None), None, None
 
 
 _mlm_loss_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 torch.library.register_autocast("fastcram::mlm_loss_fwd", "cuda", torch.bfloat16)
 
 
+def _mlm_loss_flops(rows_shape, labels_shape, weight_shape, grad_rows, grad_weight, *args, **kwargs) -> int:
+    """2*K*V*D for the logits, 2*K*V*D more for each gradient the forward forms."""
+    (k, d), v = rows_shape, weight_shape[0]
+    return 2 * k * v * d * (1 + int(grad_rows) + int(grad_weight))
+
+
+register_flop_formula(torch.ops.fastcram.mlm_loss_fwd)(_mlm_loss_flops)
+
+
 # ------------------------------------------------------------------------------------------------- public
 def mlm_loss(rows: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the predicted `rows` [K, D] against `labels` over the tied `weight`."""
-    positions = torch.arange(rows.shape[0], device=rows.device)  # [K]: the rows come gathered
-    loss, _ = _mlm_loss_fwd_op(rows, positions, labels, weight)
+    """Mean cross-entropy of the predicted `rows` [K, D] against `labels` over the tied `weight` [V, D]."""
+    grad = torch.is_grad_enabled()
+    loss, _, _ = _mlm_loss_fwd_op(rows, labels, weight, grad and rows.requires_grad,
+                                  grad and weight.requires_grad)
     return loss
