@@ -42,17 +42,18 @@ class Attention(nn.Module):
 
 
 class FFN(nn.Module):
+    """GELU-GLU (or classic GELU) FFN, bias-free, one op of the bundle. No dropout inside: cramming's FFN has
+    none (fine-tuning's dropouts are the embedding's, the attention probabilities' and the residual branches')."""
+
     def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
-        self.glu = cfg.ffn == "geglu"
+        self.kind = cfg.ffn  # "geglu" | "gelu"
         self.ops = ops
         self.inp = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)  # GLU: [a rows | gate rows]
         self.outp = nn.Linear(cfg.ffn_out_in, cfg.hidden, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        act = self.ops.linear_geglu if self.glu else self.ops.linear_gelu
-        return self.outp(self.dropout(act(h, self.inp.weight)))  # [B, L, D]
+        return self.ops.ffn(h, self.inp.weight, self.outp.weight, self.kind)  # [B, L, D]
 
 
 class Block(nn.Module):

@@ -62,3 +62,21 @@ def test_sparse_loss_matches_dense_gather():
     dense = torch.nn.functional.cross_entropy(h @ model.tok_emb.weight.T, torch.full((256,), -100).index_put(
         (pos,), labels), ignore_index=-100)
     assert torch.allclose(model(ids, pos, labels), dense, atol=1e-6)
+
+
+def test_ffn_has_no_dropout_inside():
+    """cramming's dropouts only (embedding, attention probabilities, residual branches): the FFN is
+    deterministic in training mode even at a high dropout rate, and equals the reference FFN."""
+    from fastcram.ops.ffn import ffn_ref
+
+    for kind, width in (("geglu", 128), ("gelu", 64)):
+        torch.manual_seed(2)
+        cfg = ModelConfig(vocab_size=300, hidden=32, layers=2, heads=2, ffn=kind, intermediate=width, dropout=0.5)
+        model = CrammedBert(cfg, get_ops("torch")).train()
+        drops = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops == ["emb_drop", "blocks.0.drop", "blocks.1.drop"]
+        ffn = model.blocks[0].ffn
+        h = torch.randn(2, 128, 32)
+        first, second = ffn(h), ffn(h)
+        assert torch.equal(first, second)
+        assert torch.equal(first, ffn_ref(h, ffn.inp.weight, ffn.outp.weight, kind))

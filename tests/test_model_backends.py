@@ -58,11 +58,12 @@ def test_one_step_same_loss_and_gradients(ffn):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_a_few_training_steps_match():
+@pytest.mark.parametrize("ffn", ["geglu", "gelu"])
+def test_a_few_training_steps_match(ffn):
     ops = _triton_ops_available()
     if not ops:
         pytest.skip("no triton op available")
-    ref, fused = _models("geglu", ops)
+    ref, fused = _models(ffn, ops)
     losses = {}
     for name, model in (("torch", ref), ("triton", fused)):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-12)

@@ -18,7 +18,7 @@ class Unavailable(Exception):
 
 @dataclass
 class Case:
-    op: str  # layer_norm | add_layer_norm | linear_gelu | linear_geglu | mlm_loss
+    op: str  # layer_norm | add_layer_norm | ffn | mlm_loss
     mode: str  # one of MODES
     shape: str  # human-readable, e.g. "65536x768"
     dtype: str  # "bf16" | "fp32"

@@ -15,7 +15,7 @@ from ..config import positive_int as _positive_int
 from ..errors import UserError
 
 RESULTS_DIR = os.path.join("bench", "results")
-OPS = ("layer_norm", "add_layer_norm", "linear_gelu", "linear_geglu", "mlm_loss")
+OPS = ("layer_norm", "add_layer_norm", "ffn", "mlm_loss")
 
 
 def _compile_flags(p) -> None:

@@ -1,6 +1,6 @@
 """The one boundary between reference math and fused kernels.
 
-The model calls only the five functions of an `Ops` bundle. `get_ops("torch")` returns the reference
+The model calls only the four functions of an `Ops` bundle. `get_ops("torch")` returns the reference
 implementations; `get_ops("triton")` returns the fused Triton kernels, except for the ops named in
 `disable`, which stay on the reference. `per_op` picks a backend op by op; the two norm ops also have a
 "cuda" backend, the native kernels built by CMake from kernels/.
@@ -15,8 +15,7 @@ from typing import Callable
 OP_MODULES = {
     "layer_norm": "layer_norm",
     "add_layer_norm": "layer_norm",
-    "linear_gelu": "linear_gelu",
-    "linear_geglu": "linear_gelu",
+    "ffn": "ffn",
     "mlm_loss": "mlm_loss",
 }
 BACKENDS = ("torch", "triton", "cuda")
@@ -27,8 +26,7 @@ NATIVE_OPS = ("layer_norm", "add_layer_norm")  # the ops with a native CUDA impl
 class Ops:
     layer_norm: Callable
     add_layer_norm: Callable
-    linear_gelu: Callable
-    linear_geglu: Callable
+    ffn: Callable  # ffn(x, w_in, w_out, kind): the whole FFN, kind = ModelConfig.ffn ("geglu" | "gelu")
     mlm_loss: Callable
     choice: dict = field(default_factory=dict)  # op name -> "torch" | "triton" | "cuda", for the run log
 

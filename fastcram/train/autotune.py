@@ -106,9 +106,10 @@ def op_inputs(op: str, cfg: ModelConfig, micro_batch: int, mask_prob: float, dev
         return [t(n, d), t(d, dt=torch.float32), t(d, dt=torch.float32), cfg.norm_eps]
     if op == "add_layer_norm":
         return [t(n, d), t(n, d), t(d, dt=torch.float32), t(d, dt=torch.float32), cfg.norm_eps]
-    if op in ("linear_gelu", "linear_geglu"):
-        width = cfg.intermediate
-        return [t(n, d), (torch.randn(width, d, device=device, dtype=dtype) * 0.02).requires_grad_()]
+    if op == "ffn":
+        w_in = torch.randn(cfg.intermediate, d, device=device, dtype=dtype) * 0.02  # [N, D]
+        w_out = torch.randn(d, cfg.ffn_out_in, device=device, dtype=dtype) * 0.02  # [D, F]
+        return [t(n, d), w_in.requires_grad_(), w_out.requires_grad_(), cfg.ffn]
     if op == "mlm_loss":
         labels = torch.randint(0, cfg.vocab_size, (k,), device=device)
         return [t(k, d), labels, (torch.randn(cfg.vocab_size, d, device=device, dtype=dtype) * 0.02)
@@ -125,7 +126,7 @@ def choose_kernels(cfg: ModelConfig, micro_batch: int, mask_prob: float, device:
 
     why = triton_unavailable_reason(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    needed = ["layer_norm", "add_layer_norm", "linear_geglu" if cfg.ffn == "geglu" else "linear_gelu", "mlm_loss"]
+    needed = ["layer_norm", "add_layer_norm", "ffn", "mlm_loss"]
     choice = {op: "torch" for op in OP_MODULES}
     rows = []
     for op in needed:

@@ -81,8 +81,7 @@ class FastcramFFN(nn.Module):
         self.glu = config.ffn == "geglu"
         width = config.intermediate_size // 2 if self.glu else config.intermediate_size
         self.inp = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # GLU: [a rows | gate rows]
-        self.outp = nn.Linear(width, config.hidden_size, bias=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.outp = nn.Linear(width, config.hidden_size, bias=False)  # no dropout inside, as in fastcram
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.inp(h)  # [B, L, intermediate]
@@ -91,7 +90,7 @@ class FastcramFFN(nn.Module):
             act = F.gelu(gate) * a  # [B, L, intermediate / 2]
         else:
             act = F.gelu(z)
-        return self.outp(self.dropout(act))  # [B, L, D]
+        return self.outp(act)  # [B, L, D]
 
 
 class FastcramBlock(nn.Module):

@@ -1,0 +1,155 @@
+"""Microbenchmark cases for the whole FFN (fastcram/ops/ffn.py), GELU-GLU and classic GELU.
+
+Shapes: crammed-bert's, M = micro-batch x 128 tokens (micro-batch 256 and 512; quick: 256), D = 768,
+w_in [N, D] = [3072, 768], w_out [D, F]: F = 1536 for the GLU, 3072 for the classic FFN. Shape strings
+read "<kind>:MxDxNxF".
+
+Modes: "fwd" is the training forward (inputs require grad, so every provider keeps what its backward
+needs); "bwd" times torch.autograd.grad of a retained graph; "fwd+bwd" both.
+FLOPs: 2*M*D*(N + F) forward, twice that backward.
+
+Bytes (the column, by construction, for the fused op's design; e = bytes per element, weights in the
+compute dtype):
+  fwd  e * (2*M*D + N*D + M*N + 2*M*F + D*F)
+       GEMM 1 reads x, w_in and writes h, y; the down projection reads y, w_out and writes out
+  bwd  e * (4*M*D + 4*M*N + M*F + 2*D*F + 2*N*D)
+       the dY GEMM reads dOut, w_out, h and writes dh (dY never reaches memory); dw_out reads dOut, y;
+       dx reads dh, w_in and writes dx; dw_in reads dh, x; each weight gradient is written once
+The previous path (Triton GEMM 1 with its epilogue, then cuBLAS dY and a separate pointwise pass) and the
+"cublas+compiled-epilogue" provider move e * 2*M*F more in the backward (dY written, then read back):
+2*M*1536*2 bytes per layer for the GLU in bf16, 0.2 GB at M = 32768.
+
+Providers:
+  triton                    the fused op (CUDA only)
+  torch                     the unfused reference, eager: F.linear, the activation, F.linear
+  cublas+compiled-epilogue  F.linear (cuBLAS), a torch.compile'd activation / GLU epilogue, F.linear: the
+                            GEMMs on cuBLAS with inductor's pointwise kernels forward and backward
+  torch.compile             torch.compile of the reference
+  torch.compile-max-autotune  torch.compile(mode="max-autotune") of the reference
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import ffn as ffn_op
+from .case import MODES, Case, Unavailable, rotating
+
+OP = "ffn"
+D_MODEL = 768
+N_IN = 3072  # w_in rows: 2F for the GLU, F for the classic FFN
+TOKENS = (32768, 65536)  # micro-batch 256 (the default) and 512, of 128-token sequences
+INPUT_SETS = 2  # rotated so one call's inputs are not in L2 for the next (x alone is 50 MB at M = 32k)
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _glu_epilogue(h: torch.Tensor) -> torch.Tensor:
+    a, gate = h.chunk(2, dim=-1)  # [M, F] each
+    return F.gelu(gate) * a
+
+
+def _gelu_epilogue(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h)
+
+
+def _compiled(fn, **kw):
+    return torch.compile(fn, dynamic=False, **kw)
+
+
+def _provider_fns(kind: str) -> dict:
+    """Provider name -> maker of fn(x, w_in, w_out); a maker raises Unavailable when it cannot run."""
+    epilogue = _glu_epilogue if kind == "geglu" else _gelu_epilogue
+
+    def ref(x, w_in, w_out):
+        return ffn_op.ffn_ref(x, w_in, w_out, kind)
+
+    def cublas_compiled_epilogue():
+        epi = _compiled(epilogue)
+        return lambda x, w_in, w_out: F.linear(epi(F.linear(x, w_in)), w_out)
+
+    return {
+        "triton": lambda: (lambda x, w_in, w_out: ffn_op.ffn(x, w_in, w_out, kind)),
+        "torch": lambda: ref,
+        "cublas+compiled-epilogue": cublas_compiled_epilogue,
+        "torch.compile": lambda: _compiled(ref),
+        "torch.compile-max-autotune": lambda: _compiled(ref, mode="max-autotune"),
+    }
+
+
+def _inputs(m: int, d: int, n: int, f: int, device: str, dtype: torch.dtype):
+    x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)  # [M, D]
+    w_in = (torch.randn(n, d, device=device, dtype=dtype) * d ** -0.5).requires_grad_()  # [N, D]
+    w_out = (torch.randn(d, f, device=device, dtype=dtype) * f ** -0.5).requires_grad_()  # [D, F]
+    dout = torch.randn(m, d, device=device, dtype=dtype)  # [M, D]
+    return x, w_in, w_out, dout
+
+
+def _timed_call(fn, mode: str, input_sets: list):
+    """The zero-argument callable for `mode`, after one warm-up call per input set (compile, autotune)."""
+    if mode == "fwd":
+        call = rotating(fn, [args[:3] for args in input_sets])
+    elif mode == "bwd":
+        graphs = [(fn(x, wi, wo), (x, wi, wo), dout) for x, wi, wo, dout in input_sets]  # retained graphs
+        call = rotating(lambda out, wrt, dout: torch.autograd.grad(out, wrt, dout, retain_graph=True), graphs)
+    else:
+        call = rotating(lambda x, wi, wo, dout: torch.autograd.grad(fn(x, wi, wo), (x, wi, wo), dout),
+                        input_sets)
+    for _ in input_sets:
+        call()
+    return call
+
+
+def _setup(name: str, maker, mode: str, shape: tuple, device: str, dtype: torch.dtype):
+    def setup():
+        if name == "triton":
+            if not ffn_op.HAVE_TRITON:
+                raise Unavailable("triton is not installed")
+            if torch.device(device).type != "cuda":
+                raise Unavailable("triton kernels are timed on a CUDA GPU only (the CPU interpreter is for tests)")
+        fn = maker()
+        input_sets = [_inputs(*shape, device, dtype) for _ in range(INPUT_SETS)]
+        if "compile" not in name:
+            return _timed_call(fn, mode, input_sets)
+        try:  # the warm-up compiles; a compiler failure is this provider's row, not the whole run's
+            return _timed_call(fn, mode, input_sets)
+        except Unavailable:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise Unavailable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}") from e
+
+    return setup
+
+
+def fwd_bytes(m: int, d: int, n: int, f: int, elt: int) -> int:
+    return elt * (2 * m * d + n * d + m * n + 2 * m * f + d * f)
+
+
+def bwd_bytes(m: int, d: int, n: int, f: int, elt: int) -> int:
+    return elt * (4 * m * d + 4 * m * n + m * f + 2 * d * f + 2 * n * d)
+
+
+def unfused_dy_bytes(m: int, f: int, elt: int) -> int:
+    """What the previous backward moved on top of bwd_bytes: dY [M, F] written, then read back."""
+    return elt * 2 * m * f
+
+
+def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
+    # CPU: a smoke-sized M, so the torch providers run in seconds (CPU figures say nothing about a GPU)
+    tokens = (256,) if device == "cpu" else (TOKENS[:1] if quick else TOKENS)
+    elt = torch.empty((), dtype=dtype).element_size()
+    out = []
+    for kind in ("geglu", "gelu"):
+        f = N_IN // 2 if kind == "geglu" else N_IN
+        for m in tokens:
+            shape = (m, D_MODEL, N_IN, f)
+            fwd_flops = 2 * m * D_MODEL * (N_IN + f)
+            for mode in MODES:
+                nbytes = {"fwd": fwd_bytes(*shape, elt), "bwd": bwd_bytes(*shape, elt),
+                          "fwd+bwd": fwd_bytes(*shape, elt) + bwd_bytes(*shape, elt)}[mode]
+                case = Case(op=OP, mode=mode, shape=f"{kind}:{m}x{D_MODEL}x{N_IN}x{f}",
+                            dtype=DTYPE_NAMES.get(dtype, str(dtype)), bound="compute", bytes=nbytes,
+                            flops=fwd_flops * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode])
+                for name, maker in _provider_fns(kind).items():
+                    case.providers[name] = _setup(name, maker, mode, shape, device, dtype)
+                out.append(case)
+    return out
