@@ -50,15 +50,25 @@ def max_shared_memory(device: torch.device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def fit_shared_memory(configs: list, kernel: str, shared_bytes, device: torch.device) -> list:
-    """The autotune configs whose shared memory (`shared_bytes(config)`) fits one CTA of the device: configs
-    that cannot launch are dropped before they are ever tried (at least the smallest is kept). Under
-    `fastcram bench compile --all-configs` every config is kept and the dropped ones are noted for the report."""
-    limit = max_shared_memory(device)
-    dropped = [c for c in configs if shared_bytes(c) > limit]
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of the GPU the kernels launch on (the compile-only target's for meta tensors)."""
     if device.type == "meta" and COMPILE_ONLY_TARGETS:
-        COMPILE_ONLY_TARGETS[-1].note_pruned(kernel, dropped)
-        if COMPILE_ONLY_TARGETS[-1].keep_all_configs:
+        return divmod(COMPILE_ONLY_TARGETS[-1].arch.capability, 10)
+    return torch.cuda.get_device_capability(device)
+
+
+def compile_only_target(device: torch.device):
+    """The compile-only target in force for launches on `device` (meta tensors), else None."""
+    return COMPILE_ONLY_TARGETS[-1] if device.type == "meta" and COMPILE_ONLY_TARGETS else None
+
+
+def prune(configs: list, kept: list, kernel: str, device: torch.device, launch: dict | None = None) -> list:
+    """An autotuner's early prune: `kept` of `configs` are tried. Under `fastcram bench compile` the others
+    are noted for the report (with the launch's constexprs `launch`, which tell launches of one kernel
+    apart) and, with --all-configs, compiled too (to show why they were dropped)."""
+    target = compile_only_target(device)
+    if target is not None:
+        target.note_pruned(kernel, [c for c in configs if c not in kept], launch or {})
+        if target.keep_all_configs:
             return configs
-    kept = [c for c in configs if c not in dropped]
-    return kept or [min(configs, key=shared_bytes)]
+    return kept

@@ -90,7 +90,7 @@ class Compiled:
     spill_stores: int | None = None  # STL instructions in the SASS: register spills
     threads: int = 0
     status: str = "ok"  # or "cannot launch: ..."
-    compile_s: float = 0.0
+    compile_s: float | None = None  # None: compiled before this launch asked for it
     dtypes: str = ""  # element types of the pointer arguments, e.g. "bf16,fp32"
     uses_dot: bool = False  # the kernel's source has a tl.dot (a GEMM: it should use wgmma on sm_90a)
 
@@ -258,9 +258,10 @@ class CompileOnlyDriver:
         return False  # never chosen by Triton itself; only set_active() installs it
 
     # bookkeeping
-    def note_pruned(self, kernel: str, configs) -> None:
+    def note_pruned(self, kernel: str, configs, launch: dict) -> None:
+        given = {k: v for k, v in launch.items() if isinstance(v, (bool, int, str))}
         for c in configs:
-            self.dropped.add((kernel, tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages))
+            self.dropped.add((kernel, tuple(sorted({**given, **c.kwargs}.items())), c.num_warps, c.num_stages))
 
     def would_prune(self, rec: Compiled) -> bool:
         for kernel, kwargs, warps, stages in self.dropped:
@@ -285,7 +286,8 @@ class CompileOnlyDriver:
         rec = Compiled(kernel=name, arch=self.arch.name, constexprs=constexprs, specialization=spec,
                        num_warps=metadata.num_warps, num_stages=metadata.num_stages, shared=metadata.shared,
                        threads=metadata.num_warps * 32, ptx=_ptx_of(metadata),
-                       compile_s=round(time.perf_counter() - self._started.pop(name, time.perf_counter()), 3),
+                       compile_s=round(time.perf_counter() - self._started.pop(name), 3)
+                       if name in self._started else None,
                        dtypes=",".join(dtypes), uses_dot="tl.dot(" in source)
         self.records.append(rec)
         return rec
