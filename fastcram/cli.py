@@ -42,6 +42,9 @@ def _add_train(sub) -> None:
     p.add_argument("--final-batch", type=_positive_int("--final-batch"),
                    help="sequences per optimizer step at the end of the batch ramp (recipe: 8192)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run with the budget it has already spent")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="with --resume: also read a checkpoint without checksum (version 1) by full unpickling, "
+                        "which can run code; only for checkpoints you made yourself")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--gpus", type=_positive_int("--gpus"), default=1,
                    help="data-parallel over this many local GPUs (starts torchrun for you)")
@@ -134,6 +137,7 @@ def cmd_train(args) -> int:
         if getattr(args, flag) is not None:
             setattr(tcfg, field, getattr(args, flag))
     opts = RunOptions(train=tcfg, preset=name, data_dir=args.data, out_dir=args.out, resume=args.resume,
+                      trust_checkpoint=args.trust_checkpoint,
                       budget_given=args.hours is not None or args.minutes is not None,
                       progress=not args.quiet, peak_tflops=args.peak_tflops, lr_given=args.lr is not None)
     return train(opts)["exit_code"]
@@ -150,11 +154,15 @@ def _add_tokenizer(sub) -> None:
 
 
 def cmd_tokenizer_train(args) -> int:
+    import os
+
     from .data.sources import find_text_files, iter_documents
     from .data.tokenizer import train_tokenizer
 
     if not 16 <= args.vocab_size <= 65535:
         raise UserError(f"--vocab-size {args.vocab_size}: must be between 16 and 65535")
+    if os.path.exists(args.out):
+        raise UserError(f"--out {args.out} exists; fastcram does not overwrite it: choose another name or delete it")
     files = find_text_files(args.input)
     tok = train_tokenizer(iter_documents(files, DataConfig().doc_chars), args.vocab_size, args.out)
     print(f"wrote {args.out}: vocabulary {tok.get_vocab_size()}", file=sys.stderr)

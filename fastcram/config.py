@@ -126,6 +126,7 @@ class RunOptions:
     data_dir: str | None = None  # None: the built-in corpus
     out_dir: str | None = None  # None: runs/<time>-<preset>
     resume: str | None = None  # a run folder to continue
+    trust_checkpoint: bool = False  # also resume from a checkpoint without checksum (version 1), unpickling it fully
     budget_given: bool = True  # False on resume without a budget flag: keep the saved budget
     lr_given: bool = False  # on resume: a new peak lr (e.g. after non-finite steps)
     data: DataConfig = field(default_factory=DataConfig)

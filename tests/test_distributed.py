@@ -46,8 +46,8 @@ def test_two_ranks_equal_one_process_over_the_same_global_batches(small_data, tm
                    now=FakeClock(0.0))
     ranks = _run2(tmp_path, small_data, str(tmp_path / "two"), deterministic=True, max_steps=4)
     assert [r["steps"] for r in ranks] == [4, 4] and ranks[0]["world"] == 2
-    a = ckpt.load(single["final_checkpoint"])
-    b = ckpt.load(str(tmp_path / "two" / "checkpoints" / "final.pt"))
+    a = ckpt.load_checkpoint(single["final_checkpoint"])
+    b = ckpt.load_checkpoint(str(tmp_path / "two" / "checkpoints" / "final.pt"))
     assert a["sequences"] == b["sequences"] and a["position"] == b["position"]
     assert a["sequences"] > 4 * 8  # the batch ramp accumulated over both ranks' sequences
     # Gradients agree to fp32 rounding (the all-reduce sums in another order). AdamW divides each gradient by

@@ -74,8 +74,8 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted(small_data, tmp_path
         kills += 1
         # no checkpoint is ever unreadable; temp files never look like checkpoints
         for path in ckpt.candidates(run_dir):
-            ckpt.load(path)
-        resumed_from.append(ckpt.load(ckpt.latest(run_dir)))
+            ckpt.load_checkpoint(path)
+        resumed_from.append(ckpt.load_checkpoint(ckpt.latest(run_dir)))
         cmd = _cli(small_data, "unused")[:4] + ["--resume", run_dir, "--quiet"]
     t0 = time.time()
     subprocess.run(cmd, check=True, env=env, timeout=600)
@@ -99,8 +99,8 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted(small_data, tmp_path
     seqs = [ref[s][2] for s in range(1, STEPS + 1)]
     assert all(b > a for a, b in zip(seqs, seqs[1:]))
     # and bit-identical final parameters
-    a = ckpt.load(os.path.join(ref_dir, "checkpoints", "final.pt"))["model"]
-    b = ckpt.load(os.path.join(run_dir, "checkpoints", "final.pt"))["model"]
+    a = ckpt.load_checkpoint(os.path.join(ref_dir, "checkpoints", "final.pt"))["model"]
+    b = ckpt.load_checkpoint(os.path.join(run_dir, "checkpoints", "final.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -119,7 +119,7 @@ def test_sigterm_saves_and_exits_zero(small_data, tmp_path):
     assert proc.returncode == 0, err[-2000:]
     assert f"resume with: fastcram train --resume {run_dir}" in err
     stopped = [r for r in _records(run_dir) if r.get("event") == "stopped"][0]
-    saved = ckpt.load(stopped["checkpoint"])
+    saved = ckpt.load_checkpoint(stopped["checkpoint"])
     assert saved["step"] == stopped["step"] > 0
 
 
@@ -145,7 +145,7 @@ def test_full_disk_during_checkpoint_keeps_previous_and_trains_on(small_data, tm
     recs = [r for r in _records(s["run_dir"]) if r.get("event") == "checkpoint"]
     assert any("error" in r and "No space left" in r["error"] for r in recs)
     good = [r for r in recs if "write_s" in r and "step-" in r["path"]]
-    assert good and ckpt.load(good[0]["path"])["step"] == good[0]["step"]  # the previous one is intact
+    assert good and ckpt.load_checkpoint(good[0]["path"])["step"] == good[0]["step"]  # the previous one is intact
     assert not glob.glob(os.path.join(s["run_dir"], "checkpoints", "*.tmp*"))
 
     calls["n"] = 0
@@ -159,15 +159,15 @@ def test_nan_step_is_skipped_without_changing_anything(small_data, tmp_path):
     s = train(_opts(small_data, tmp_path / "b", max_steps=4, fault_nan_steps=(3,), checkpoint_interval_s=1.0,
                     keep_checkpoints=10), now=FakeClock(1.0))
     assert s["skipped_steps"] == 1 and s["exit_code"] == 0
-    before = ckpt.load(ckpt.step_path(s["run_dir"], 3))
-    after = ckpt.load(s["final_checkpoint"])
+    before = ckpt.load_checkpoint(ckpt.step_path(s["run_dir"], 3))
+    after = ckpt.load_checkpoint(s["final_checkpoint"])
     assert after["step"] == 4
     for k, v in before["model"].items():
         assert torch.equal(v, after["model"][k]), k  # the skipped step changed no parameter...
     for pid, st in before["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(v, after["optimizer"]["state"][pid][k]), (pid, k)  # ...nor moment, nor count
-    two = ckpt.load(ckpt.step_path(s["run_dir"], 2))
+    two = ckpt.load_checkpoint(ckpt.step_path(s["run_dir"], 2))
     assert not torch.equal(two["model"]["tok_emb.weight"], before["model"]["tok_emb.weight"])  # good steps do
     rec = [r for r in _records(s["run_dir"]) if r.get("step") == 4 and "loss" in r][0]
     assert rec["skipped_steps"] == 1 and rec["loss"] is None

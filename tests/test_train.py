@@ -55,7 +55,7 @@ def test_a_few_tiny_steps_lower_the_loss(small_data, tmp_path):
 def test_checkpoint_save_resume_identical(small_data, tmp_path):
     run = tmp_path / "run"
     first = train(_opts(small_data, run, budget_s=1e6, max_steps=4), now=FakeClock(tick=0.5))
-    saved = ckpt.load(first["final_checkpoint"])
+    saved = ckpt.load_checkpoint(first["final_checkpoint"])
     # restore into a fresh model + optimizer: every tensor equal
     data = BlockDataset(small_data)
     mcfg = preset("tiny").model
@@ -97,5 +97,5 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
         ckpt.save(path, {"x": torch.zeros(3)})
-    assert torch.equal(ckpt.load(path)["x"], torch.ones(3))  # the previous file is intact
-    assert os.listdir(tmp_path / "checkpoints") == ["step-00000001.pt"]  # no temp file left behind
+    assert torch.equal(ckpt.load_checkpoint(path)["x"], torch.ones(3))  # the previous file is intact
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000001.pt", "step-00000001.pt.sha256.json"]

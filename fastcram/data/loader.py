@@ -19,7 +19,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import sha256_file
+from ..files import inside, sha256_file
 from .prepare import MANIFEST, TOKENIZER_FILE
 from .tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_hash
 
@@ -44,13 +44,16 @@ class BlockDataset:
                 self.manifest = json.load(f)
             self.seq_len = int(self.manifest["seq_len"])
             shards = self.manifest["shards"]
-            self.shard_files = [os.path.join(data_dir, s["file"]) for s in shards]
             self.shard_blocks = np.array([int(s["blocks"]) for s in shards], dtype=np.int64)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path} is not a valid fastcram manifest ({e}); prepare the data again") from None
+        try:  # a manifest names files relative to its folder; nothing outside it is read
+            self.shard_files = [inside(data_dir, s["file"]) for s in shards]
+            self.tokenizer_path = inside(data_dir, self.manifest.get("tokenizer", TOKENIZER_FILE))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path} names a file that is not in {data_dir} ({e}); prepare the data again") from None
         self.dir = data_dir
         self.order = self.manifest.get("order", "stream")  # folders made before orders existed: as read
-        self.tokenizer_path = os.path.join(data_dir, self.manifest.get("tokenizer", TOKENIZER_FILE))
         try:
             tok = load_tokenizer(self.tokenizer_path)
         except (FileNotFoundError, ValueError) as e:
@@ -80,7 +83,7 @@ class BlockDataset:
             rng = np.random.default_rng(seed)
             entries = [entries[i] for i in sorted(rng.choice(len(entries), sample, replace=False))]
         for s in entries:
-            path = os.path.join(self.dir, s["file"])
+            path = inside(self.dir, s["file"])
             if sha256_file(path) != s["sha256"]:
                 raise UserError(f"shard {path} is corrupt (its checksum differs from {MANIFEST}); prepare the data "
                                 f"again or restore the file")

@@ -1,6 +1,8 @@
 """`fastcram data prepare`: documents -> token shards, in parallel, restartable, in bounded memory.
 
-Three phases, each resumable from its last complete shard:
+Four phases, each resumable from its last complete file:
+0. tokenizer: the given tokenizer is copied in, or one is trained (deterministically: tokenizer.py) on the
+   first --tokenizer-sample-docs documents.
 1. stream: the mixed document stream is cut into chunks of about `chunk_chars` characters. Worker processes
    tokenise a chunk (tokenizer.DocumentEncoder: each distinct word is encoded once), apply the compression
    filter and join the kept documents with <sep>. The main process takes the results in chunk order (so 1
@@ -13,12 +15,16 @@ Three phases, each resumable from its last complete shard:
    Random sub-bucket + in-bucket permutation is a uniform shuffle (within a key), never holding more than
    one bucket.
 
-A journal (prepare-state.json, written atomically after every shard) records what is complete; a rerun
-with the same inputs and settings skips it (re-reading, not re-tokenising, the documents before the
+A journal (prepare-state.json, written atomically first and then after every shard) records what is complete;
+a rerun with the same inputs and settings skips it (re-reading, not re-tokenising, the documents before the
 resume point) and writes byte-identical output. manifest.json is written last, atomically, and the journal
 removed: a folder without a manifest is recognisably unfinished. Memory: the main process holds one shard
 buffer, at most workers + 2 chunks in flight and, while ordering, one shard and one bucket; a worker holds
 one chunk and at most DocumentEncoder.max_entries remembered words. A single document is held whole.
+
+Files: a prepare writes only into a new or empty folder, or one holding its own journal; it deletes only files
+with the names it gives its own (shard-, stream-, bucket-NNNNN.bin, its JSON files, their temp files), and a
+journal naming anything else, or anything outside the folder, is refused before anything is touched.
 
 This module does not import torch, so `data prepare` and its worker processes start light.
 """
@@ -29,6 +35,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -43,7 +50,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import atomic_write_bytes, atomic_write_json, sha256_file
+from ..files import atomic_write_bytes, atomic_write_json, inside, sha256_file
 from .sources import Input, ReadError, mix_documents, mix_fraction
 from .tokenizer import (DocumentEncoder, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
                         train_tokenizer, why_not_separable)
@@ -52,6 +59,11 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 JOURNAL = "prepare-state.json"
 FORMAT_VERSION = 2  # 2: text that spells a special token is encoded as text
+# The names of the files a prepare writes (and of their temp files): the only ones it ever deletes
+_SHARD_NAME = re.compile(r"(?:shard|stream)-\d{5,}\.bin")
+_OWN_FILE = re.compile(r"(?:(?:shard|stream|bucket)-\d{5,}\.bin|prepare-state\.json|tokenizer\.json|manifest\.json)"
+                       r"(?:\.tmp\d+)?")
+_JOURNAL_TEMP = re.compile(r"prepare-state\.json\.tmp\d+")
 ORDERS = ("shuffle", "curriculum", "stream")
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
 
@@ -114,9 +126,40 @@ def _remove(path: str) -> None:
 
 
 def _data_files(out_dir: str) -> list[str]:
-    """Everything a prepare writes besides the tokenizer: shards, stream shards, buckets, temp files."""
-    return [f for f in os.listdir(out_dir) if f.startswith(("shard-", "stream-", "bucket-")) or ".tmp" in f
-            or f == JOURNAL]
+    """What a prepare writes besides the tokenizer and the manifest: shards, stream shards, buckets, the journal,
+    temp files; found by their exact names (in a folder that holds a prepare's journal or was empty)."""
+    return [f for f in os.listdir(out_dir) if _OWN_FILE.fullmatch(f) and f not in (TOKENIZER_FILE, MANIFEST)]
+
+
+def _claim_folder(out_dir: str, tokenizer_path: str | None) -> tuple[dict | None, bool]:
+    """(journal state of the unfinished prepare in out_dir or None, whether the folder was created now). Any
+    other folder must be empty (or hold only the --tokenizer file): fastcram never writes into, or deletes from,
+    a folder of the user's."""
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise UserError(f"{out_dir} already holds a prepared corpus ({MANIFEST}); choose another --out "
+                        f"or delete it first")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file, not a folder; choose a new or empty folder")
+    state = Journal.load(out_dir)
+    if state is not None:
+        return state, False
+    if not os.path.isdir(out_dir):
+        try:
+            os.makedirs(out_dir)
+        except OSError as e:
+            raise UserError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
+        return None, True
+    given = os.path.realpath(tokenizer_path) if tokenizer_path else None
+    others = sorted(f for f in os.listdir(out_dir) if not _JOURNAL_TEMP.fullmatch(f)
+                    and os.path.realpath(os.path.join(out_dir, f)) != given)
+    if others:
+        raise UserError(f"--out {out_dir} is not empty ({len(others)} entr{'y' if len(others) == 1 else 'ies'}, "
+                        f"e.g. {others[0]}) and is not an unfinished fastcram prepare; fastcram writes only into a "
+                        f"new or empty folder: choose another --out")
+    for f in os.listdir(out_dir):  # a journal write killed before the first journal existed
+        if _JOURNAL_TEMP.fullmatch(f):
+            _remove(os.path.join(out_dir, f))
+    return None, False
 
 
 # ---------------------------------------------------------------- tokenising a chunk
@@ -305,22 +348,39 @@ class Journal:
 
     @staticmethod
     def load(out_dir: str) -> dict | None:
+        """The journal of an unfinished prepare in out_dir, or None; every file it names is checked to be one of
+        the prepare's own, inside out_dir, before anything acts on it."""
         path = os.path.join(out_dir, JOURNAL)
         if not os.path.isfile(path):
             return None
         try:
             with open(path) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+                state = json.load(f)
+            names = [s["file"] for phase in ("stream", "gather") for s in (state.get(phase) or {}).get("shards", [])]
+        except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
             raise UserError(f"{path} is unreadable ({e}); delete {out_dir} and prepare again") from None
+        for name in names:
+            try:
+                inside(out_dir, name)
+                if not _SHARD_NAME.fullmatch(name):
+                    raise ValueError(f"{name!r} is not the name of a shard it writes")
+            except ValueError as e:
+                raise UserError(f"{path} names a file that is not this prepare's ({e}); fastcram deletes only "
+                                f"files it wrote: delete {out_dir} and prepare again") from None
+        links = sorted(f for f in os.listdir(out_dir) if _OWN_FILE.fullmatch(f)
+                       and os.path.islink(os.path.join(out_dir, f)))
+        if links:  # appending to or truncating a bucket would act on whatever the link points at
+            raise UserError(f"{os.path.join(out_dir, links[0])} is a link, not a file this prepare wrote; delete "
+                            f"{out_dir} and prepare again")
+        return state
 
     def save(self) -> None:
         atomic_write_json(self.path, self.state)
         _after_journal(self.state)
 
 
-def _fresh_state(fingerprint: dict, tok_hash: str) -> dict:
-    return {"version": FORMAT_VERSION, "fingerprint": fingerprint, "tokenizer_hash": tok_hash, "phase": "stream",
+def _fresh_state(fingerprint: dict) -> dict:
+    return {"version": FORMAT_VERSION, "fingerprint": fingerprint, "tokenizer_hash": None, "phase": "tokenizer",
             "stream": {"shards": [], "done": False,
                        "resume": {"chunk": 0, "skip_tokens": 0, "tokens_before": 0, "stats": asdict(Stats()),
                                   "inputs": None}},
@@ -614,19 +674,15 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
             progress: bool = True, options: PrepareOptions | None = None) -> dict:
     """Prepare a corpus into out_dir (tokenizer.json, shard-*.bin, manifest.json); returns the manifest.
 
-    Reruns with the same inputs and settings resume an unfinished prepare; a finished one is refused.
+    out_dir must be new or empty; a rerun with the same inputs and settings resumes an unfinished prepare there;
+    a finished one is refused. The same command gives the same bytes (the manifest's creation time aside).
     """
     opts = options or PrepareOptions()
     opts.check(len(inputs))
     sources = [Input(spec, cfg.doc_chars, opts.text_field) for spec in inputs]
-    if os.path.exists(os.path.join(out_dir, MANIFEST)):
-        raise UserError(f"{out_dir} already holds a prepared corpus ({MANIFEST}); choose another --out "
-                        f"or delete it first")
-    os.makedirs(out_dir, exist_ok=True)
     given, identity = _tokenizer_identity(tokenizer_path, cfg, opts)
     fingerprint = _fingerprint(sources, cfg, opts, identity)
-    tok_out = os.path.join(out_dir, TOKENIZER_FILE)
-    state = Journal.load(out_dir)
+    state, created = _claim_folder(out_dir, tokenizer_path)
     if state is not None and state.get("version") != FORMAT_VERSION:
         raise UserError(f"{out_dir} holds an unfinished prepare of another fastcram version; delete the folder and "
                         f"prepare again")
@@ -636,25 +692,65 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
         raise UserError(f"{out_dir} holds an unfinished prepare with other settings (differs in: "
                         f"{', '.join(changed)}); rerun it with the same inputs and flags to resume, or delete "
                         f"the folder")
-    if given is not None:
-        tok = given
-        if os.path.abspath(tokenizer_path) != os.path.abspath(tok_out):
+    journal = Journal(out_dir, state or _fresh_state(fingerprint))
+    if state is None:
+        journal.save()  # the first file written: from now on the folder is a recognisable unfinished prepare
+    tok_out = os.path.join(out_dir, TOKENIZER_FILE)
+    given_in_place = given is not None and os.path.realpath(tokenizer_path) == os.path.realpath(tok_out)
+    t0 = time.time()
+    try:
+        tok = _tokenizer_phase(journal, sources, cfg, opts, given, given_in_place, tok_out, progress)
+        run = _Run(out_dir, cfg, opts, sources, journal, tok, special_ids(tok).sep, tok.token_to_id("."), progress,
+                   workers=opts.workers or default_workers())
+        _run_phases(run)
+    except ReadError as e:
+        raise ReadError(f"{e}; the output so far is kept: rerun the same command to resume") from None
+    except UserError:
+        for f in _data_files(out_dir):  # bad input: nothing half-written that looks valid
+            _remove(os.path.join(out_dir, f))
+        if not given_in_place:
+            _remove(tok_out)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
+    except KeyboardInterrupt:
+        _say(progress, f"\nprepare interrupted; {out_dir} is unfinished: rerun the same command to resume")
+        raise
+    manifest = _manifest(run, special_ids(tok))
+    atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
+    _remove(journal.path)
+    st = manifest["filter"]
+    _say(progress, f"prepared {manifest['total_blocks']} blocks of {cfg.seq_len} tokens in "
+                   f"{len(manifest['shards'])} shard(s) ({st['kept_docs']} docs kept, {st['dropped_docs']} dropped "
+                   f"by the filter, order {opts.order}) in {time.time() - t0:.0f}s -> {out_dir}")
+    return manifest
+
+
+def _tokenizer_phase(journal: Journal, sources: list[Input], cfg: DataConfig, opts: PrepareOptions, given,
+                     given_in_place: bool, tok_out: str, progress: bool):
+    """The tokenizer of this prepare: the given one or a trained one, written to tok_out in the first phase; read
+    back (and checked against the journal) when a later phase resumes."""
+    state = journal.state
+    if state["phase"] == "tokenizer":
+        tok = given if given is not None else _train(sources, cfg, opts, progress)
+        if not given_in_place:
             save_tokenizer(tok, tok_out)
-    elif state is not None:
+        state["tokenizer_hash"], state["phase"] = tokenizer_hash(tok), "stream"
+        journal.save()
+    elif given is not None:
+        tok = given
+    else:
         try:
             tok = load_tokenizer(tok_out)
         except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"the unfinished prepare in {out_dir} lost its tokenizer ({e}); delete the folder and "
-                            f"prepare again") from None
-    else:
-        tok = _train(sources, cfg, opts, progress)
-        save_tokenizer(tok, tok_out)
-    tok_hash = tokenizer_hash(tok)
-    if state is not None and tok_hash != state["tokenizer_hash"]:
-        raise UserError(f"{tok_out} changed since the unfinished prepare in {out_dir} began; delete the folder "
-                        f"and prepare again")
+            raise UserError(f"the unfinished prepare in {os.path.dirname(tok_out)} lost its tokenizer ({e}); "
+                            f"delete the folder and prepare again") from None
+    if tokenizer_hash(tok) != state["tokenizer_hash"]:
+        raise UserError(f"{tok_out} changed since the unfinished prepare in {os.path.dirname(tok_out)} began; "
+                        f"delete the folder and prepare again")
     try:
-        ids = special_ids(tok, source=tok_out)
+        special_ids(tok, source=tok_out)
     except ValueError as e:
         raise UserError(str(e)) from None
     if tok.get_vocab_size() > 65536:
@@ -663,36 +759,9 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
     if whole:
         _say(progress, f"note: {tok_out}: {whole}, so documents are encoded whole, without remembering words "
                        f"(exact, but several times slower)")
-    dot = tok.token_to_id(".")
-    if opts.order == "curriculum" and dot is None:
+    if opts.order == "curriculum" and tok.token_to_id(".") is None:
         raise UserError(f"{tok_out} has no \".\" token, which --order curriculum counts; use another order")
-    journal = Journal(out_dir, state or _fresh_state(fingerprint, tok_hash))
-    if state is None:
-        for f in _data_files(out_dir):  # leftovers of a run that never wrote its journal
-            _remove(os.path.join(out_dir, f))
-        journal.save()
-    run = _Run(out_dir, cfg, opts, sources, journal, tok, ids.sep, dot, progress,
-               workers=opts.workers or default_workers())
-    t0 = time.time()
-    try:
-        _run_phases(run)
-    except ReadError as e:
-        raise ReadError(f"{e}; the output so far is kept: rerun the same command to resume") from None
-    except UserError:
-        for f in _data_files(out_dir):  # bad input: nothing half-written that looks valid
-            _remove(os.path.join(out_dir, f))
-        raise
-    except KeyboardInterrupt:
-        _say(progress, f"\nprepare interrupted; {out_dir} is unfinished: rerun the same command to resume")
-        raise
-    manifest = _manifest(run, ids)
-    atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
-    _remove(journal.path)
-    st = manifest["filter"]
-    _say(progress, f"prepared {manifest['total_blocks']} blocks of {cfg.seq_len} tokens in "
-                   f"{len(manifest['shards'])} shard(s) ({st['kept_docs']} docs kept, {st['dropped_docs']} dropped "
-                   f"by the filter, order {opts.order}) in {time.time() - t0:.0f}s -> {out_dir}")
-    return manifest
+    return tok
 
 
 def _run_phases(run: _Run) -> None:

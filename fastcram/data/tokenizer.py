@@ -1,17 +1,22 @@
-"""WordPiece tokenizer on HF tokenizers, as the recipe trains it; special-token ids read from the file."""
+"""The recipe's WordPiece tokenizer: trained deterministically by fastcram (wordpiece.py), stored and run as an HF
+tokenizers JSON file; special-token ids read from the file; fast encoding of many documents."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
 from typing import Iterable, Iterator
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from ..files import atomic_write_bytes
+from .wordpiece import learn_vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<cls>", "<sep>", "<mask>")  # <pad> first: id 0
 
@@ -31,8 +36,8 @@ class SpecialIds:
         return (self.pad, self.bos, self.eos, self.unk, self.cls, self.sep, self.mask)
 
 
-def _new_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.WordPiece(unk_token="<unk>", max_input_chars_per_word=100))
+def _new_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(vocab or {}, unk_token="<unk>", max_input_chars_per_word=100))
     # Whitespace is collapsed by the pre-tokenizer, which splits on any run of whitespace: a regex Replace in
     # the normaliser would give the same ids at about 25% more tokenising time.
     tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
@@ -42,25 +47,51 @@ def _new_tokenizer() -> Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 32768, out_path: str | None = None) -> Tokenizer:
-    """Train WordPiece from an iterator of texts (streamed); save atomically to out_path if given."""
+    """Train WordPiece from an iterator of texts (streamed); save atomically to out_path if given.
+
+    Deterministic: the same texts, in any order, give the same tokenizer (the same JSON bytes with one version
+    of the tokenizers library, which writes the file). The vocabulary is the one the tokenizers library's own
+    WordPieceTrainer (min_frequency 2) aims at, without its run-to-run differences (wordpiece.py says why)."""
     if not 16 <= vocab_size <= 65535:
         raise ValueError(f"vocab size {vocab_size} out of range: need 16..65535 (shards store uint16 ids)")
-    tok = _new_tokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        min_frequency=2, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    ids = special_ids(tok)
-    if ids.pad != 0:  # the trainer adds special tokens first, but never assume it
-        raise RuntimeError(f"trained tokenizer puts <pad> at id {ids.pad}, not 0")
+    tokens = learn_vocabulary(count_words(texts), vocab_size, SPECIAL_TOKENS, min_frequency=2)
+    tok = _new_tokenizer({t: i for i, t in enumerate(tokens)})
+    tok.add_special_tokens(list(SPECIAL_TOKENS))  # ids 0-6 already: they only become "special"
+    special_ids(tok)  # <pad> = 0 and all 7 present, by construction; checked all the same
     if out_path:
         save_tokenizer(tok, out_path)
     return tok
 
 
+def count_words(texts: Iterable[str], batch_chars: int = 1 << 24) -> Counter:
+    """How often each word, as the recipe's normaliser and pre-tokenizer make them, occurs in texts: what a
+    trainer starts from. Texts are cut into chunks at ' ', '\t', '\n', '\r' (the pipeline is separable there:
+    why_not_separable), the chunks of about batch_chars characters counted, and each distinct chunk of such a
+    batch goes through the pipeline once."""
+    tok = _new_tokenizer()
+    normalize, pre_tokenize = tok.normalizer.normalize_str, tok.pre_tokenizer.pre_tokenize_str
+    words: Counter = Counter()
+    chunks: Counter = Counter()
+
+    def fold() -> None:
+        for chunk, n in chunks.items():
+            for w, _ in pre_tokenize(normalize(chunk)):
+                words[w] += n
+        chunks.clear()
+
+    size = 0
+    for text in texts:
+        chunks.update(_chunks(text))
+        size += len(text)
+        if size >= batch_chars:
+            fold()
+            size = 0
+    fold()
+    return words
+
+
 def save_tokenizer(tok: Tokenizer, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, tok.to_str(pretty=True).encode())
 
 
 def load_tokenizer(path: str) -> Tokenizer:

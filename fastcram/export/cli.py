@@ -9,8 +9,11 @@ def add_parser(sub) -> None:
                                    "config, modeling code, tokenizer (needs pip install -e '.[hf]')")
     h.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `fastcram train`")
     h.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist, or be empty)")
-    h.add_argument("--checkpoint", metavar="FILE", help="the checkpoint to export (default: the run's final.pt, "
-                                                        "else its newest step-*.pt)")
+    h.add_argument("--checkpoint", metavar="FILE", help="the checkpoint to export (default: the run's newest "
+                                                        "usable one; failing ones are named and passed over)")
+    h.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a checkpoint without a verifiable record (version 1) by full unpickling, which can "
+                        "run code: only for a file you vouch for")
     h.add_argument("--tokenizer", metavar="FILE", help="the run's tokenizer.json, if its data folder moved")
     h.add_argument("--quiet", action="store_true", help="no progress line")
     h.set_defaults(func=cmd_export_hf)
@@ -20,5 +23,6 @@ def cmd_export_hf(args) -> int:
     from .hf import ExportOptions, export_hf  # torch and the model load only when the command runs
 
     export_hf(ExportOptions(run_dir=args.run_dir, out=args.out, checkpoint=args.checkpoint,
-                            tokenizer=args.tokenizer, progress=not args.quiet))
+                            tokenizer=args.tokenizer, trust_checkpoint=args.trust_checkpoint,
+                            progress=not args.quiet))
     return 0

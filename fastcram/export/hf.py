@@ -43,6 +43,7 @@ class ExportOptions:
     out: str
     checkpoint: str | None = None  # None: the run's newest (final.pt, else the latest step-*.pt)
     tokenizer: str | None = None  # None: the tokenizer of the run's data folder
+    trust_checkpoint: bool = False  # read a version-1 checkpoint the user vouches for (full unpickling)
     progress: bool = True
 
 
@@ -171,7 +172,7 @@ def export_hf(opts: ExportOptions) -> dict:
     """Write the folder; returns {"out", "max_abs_diff", "provenance"}."""
     require_hf()
     _check_out(opts.out)
-    run = read_run(opts.run_dir, opts.checkpoint, opts.tokenizer)
+    run = read_run(opts.run_dir, opts.checkpoint, opts.tokenizer, opts.trust_checkpoint)
     ref = reference_model(run)
     out = os.path.abspath(opts.out)
     tmp = f"{out}.tmp{os.getpid()}"

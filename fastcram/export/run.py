@@ -36,13 +36,10 @@ def _read_json(path: str, what: str) -> dict:
         raise UserError(f"cannot read {what} {path} ({e})") from None
 
 
-def checkpoint_payload(path: str) -> dict:
-    """The one place an export reads a checkpoint file (through the train layer's loader)."""
-    try:
-        return ckpt.load(path)
-    except Exception as e:  # an unreadable checkpoint is named, never skipped
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); pass another with "
-                        f"--checkpoint FILE") from None
+def checkpoint_payload(path: str, trust: bool = False) -> dict:
+    """The one place an export reads a checkpoint: the train layer's loader, which verifies it first. A run
+    folder gives its newest usable checkpoint (failing ones are named); one file is used or refused (exit 2)."""
+    return ckpt.load_checkpoint(path, trust=trust)
 
 
 def model_state(payload: dict, path: str) -> dict[str, torch.Tensor]:
@@ -74,7 +71,8 @@ def _tokenizer_paths(config: dict, override: str | None, run_dir: str) -> tuple[
     return os.path.join(data_dir, name), manifest
 
 
-def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None = None) -> RunExport:
+def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None = None,
+             trust: bool = False) -> RunExport:
     """Config, weights, tokenizer and provenance of a run folder; every problem is one UserError."""
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -85,14 +83,10 @@ def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None 
         cfg = from_dict(ModelConfig, config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{config_path} is not a valid run config ({e})") from None
-    if checkpoint is None:
-        checkpoint = ckpt.latest(run_dir)
-        if checkpoint is None:
-            raise UserError(f"{run_dir} has no checkpoint (checkpoints/final.pt or step-*.pt); train it first or "
-                            f"pass --checkpoint FILE")
-    elif not os.path.isfile(checkpoint):
+    if checkpoint is not None and not os.path.isfile(checkpoint):
         raise UserError(f"--checkpoint {checkpoint} does not exist")
-    payload = checkpoint_payload(checkpoint)
+    payload = checkpoint_payload(checkpoint or run_dir, trust)
+    checkpoint = payload["_path"]
     state = model_state(payload, checkpoint)
 
     tok_path, manifest_path = _tokenizer_paths(config, tokenizer, run_dir)

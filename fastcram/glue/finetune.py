@@ -35,7 +35,7 @@ from . import metrics as glue_metrics
 from ..config import ModelConfig, TrainConfig, from_dict
 from ..config import positive_float as _positive_float, positive_int as _positive_int
 from ..data.prepare import MANIFEST, TOKENIZER_FILE
-from ..files import atomic_write_json
+from ..files import atomic_write_json, inside
 from ..errors import UserError
 from ..model import CrammedBert
 from ..data.tokenizer import DocumentEncoder, SpecialIds, load_tokenizer, special_ids
@@ -69,6 +69,7 @@ class GlueOptions:
     device: str = "auto"
     compile: bool | None = None  # None: on GPU only
     tokenizer: str | None = None  # None: the tokenizer of the run's data folder
+    trust_checkpoint: bool = False  # also read a checkpoint without checksum (version 1) by full unpickling
     protocol: Protocol = field(default_factory=Protocol)
     progress: bool = True
 
@@ -95,41 +96,64 @@ def _tokenizer_path(config: dict, override: str | None) -> str:
         return override
     data_dir = config.get("data_dir") or ""
     name = TOKENIZER_FILE
+    manifest = os.path.join(data_dir, MANIFEST)
     try:
-        with open(os.path.join(data_dir, MANIFEST)) as f:
+        with open(manifest) as f:
             name = json.load(f).get("tokenizer", TOKENIZER_FILE)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass  # no manifest: the default name
-    return os.path.join(data_dir, name)
+    try:
+        return inside(data_dir, name)
+    except ValueError as e:
+        raise UserError(f"{manifest} names a tokenizer that is not in {data_dir} ({e}); pass the run's tokenizer "
+                        f"with --tokenizer FILE") from None
 
 
-def load_run(run_dir: str, tokenizer: str | None = None) -> Pretrained:
-    """Config, latest checkpoint and tokenizer of a `fastcram train` run folder."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+def run_folder_of(path: str) -> str:
+    """The run folder of a run folder or of one of its checkpoint files (RUN/checkpoints/NAME.pt)."""
+    if os.path.isdir(path):
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == ckpt.CKPT_DIR else folder
+
+
+def load_run(path: str, tokenizer: str | None = None, trust: bool = False) -> Pretrained:
+    """Config, checkpoint and tokenizer of a `fastcram train` run: a run folder (its newest usable checkpoint:
+    one that fails its checks is named and the next older one tried) or one checkpoint file of it (exit 2
+    when that one fails). Checkpoints are read by checkpoint.load_checkpoint, the one loader."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; pass a run folder `fastcram train` wrote or a checkpoint file")
+    run_dir = run_folder_of(path)
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.isdir(path) and not os.path.isfile(config_path):
         raise UserError(f"{run_dir} is not a fastcram run folder (no config.json); pass a folder `fastcram "
                         f"train` wrote")
+    if os.path.isdir(path) and not ckpt.candidates(run_dir):
+        raise UserError(f"{run_dir} has no checkpoint (checkpoints/final.pt or step-*.pt); train it first")
+    saved = ckpt.load_checkpoint(path, trust=trust)
+    config = saved.get("config")
+    if not isinstance(config, dict):  # written without its config (tests, old files): the run folder's
+        if not os.path.isfile(config_path):
+            raise UserError(f"checkpoint {path} holds no run config and {config_path} does not exist; keep the "
+                            f"checkpoint in its run folder's {ckpt.CKPT_DIR}/")
+        try:
+            with open(config_path) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise UserError(f"{config_path} is not a valid run config ({e})") from None
     try:
-        with open(path) as f:
-            config = json.load(f)
         cfg = from_dict(ModelConfig, config["model"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a valid run config ({e})") from None
-    ck = ckpt.latest(run_dir)
-    if ck is None:
-        raise UserError(f"{run_dir} has no checkpoint (checkpoints/final.pt or step-*.pt); train it first")
-    try:
-        state = ckpt.load(ck)["model"]
-    except Exception as e:  # any unreadable checkpoint is named, never skipped
-        raise UserError(f"cannot read checkpoint {ck} ({type(e).__name__}: {e})") from None
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # tolerate a compiled module's keys
+        raise UserError(f"the run config of {saved['_path']} is not valid ({e})") from None
+    ck = saved["_path"]
+    state = {k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()}  # a compiled module's keys too
     tok_path = _tokenizer_path(config, tokenizer)
     try:
         tok = load_tokenizer(tok_path)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{e}; pass the run's tokenizer with --tokenizer FILE") from None
     if tok.get_vocab_size() != cfg.vocab_size:
-        raise UserError(f"{tok_path} has {tok.get_vocab_size()} tokens but the model of {run_dir} has "
+        raise UserError(f"{tok_path} has {tok.get_vocab_size()} tokens but the model of {ck} has "
                         f"{cfg.vocab_size}; pass the run's tokenizer with --tokenizer FILE")
     kernels = config.get("train", {}).get("kernels", "torch")
     return Pretrained(cfg, state, tok, special_ids(tok, source=tok_path), ck, kernels)
@@ -439,10 +463,11 @@ def _recompile_limit(n: int):
 def run_glue(opts: GlueOptions) -> dict:
     """Fine-tune and score every task and seed; write the JSON report and the markdown table."""
     _check_opts(opts)
-    pre = load_run(opts.run_dir, opts.tokenizer)
+    pre = load_run(opts.run_dir, opts.tokenizer, opts.trust_checkpoint)
     device, kernels, compile_ = _resolve(opts, pre)
     proto = dataclasses.replace(opts.protocol, max_len=min(opts.protocol.max_len, pre.cfg.seq_len))
-    out_json = opts.out or os.path.join(opts.run_dir, "glue.json")
+    run_dir = run_folder_of(opts.run_dir)
+    out_json = opts.out or os.path.join(run_dir, "glue.json")
     out_md = os.path.splitext(out_json)[0] + ".md"
 
     # all data first: a bad file in the last task must not surface after hours of fine-tuning
@@ -458,9 +483,9 @@ def run_glue(opts: GlueOptions) -> dict:
         f"{t} {v['train_examples_per_s']:.0f}" for t, v in tasks.items()))
 
     summary = glue_metrics.summarize({t: v["median"] for t, v in tasks.items()})
-    label = os.path.basename(os.path.normpath(opts.run_dir))
+    label = os.path.basename(os.path.normpath(run_dir))
     table = glue_metrics.format_table(label, summary)
-    report = {"run_dir": os.path.abspath(opts.run_dir), "checkpoint": pre.checkpoint, "kernels": kernels,
+    report = {"run_dir": os.path.abspath(run_dir), "checkpoint": pre.checkpoint, "kernels": kernels,
               "device": device, "compile": compile_, "seeds": opts.seeds, "data": opts.data_dir or glue_data.HF_DATASET,
               "max_examples": opts.max_examples, "protocol": dataclasses.asdict(proto), **summary,
               "tasks": tasks, "table": table}
@@ -478,7 +503,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run (GLUE fine-tuning)")
     esub = p.add_subparsers(dest="eval_cmd", required=True)
     g = esub.add_parser("glue", help="fine-tune a run on GLUE tasks and score it on the dev sets")
-    g.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `fastcram train`")
+    g.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `fastcram train` (its newest usable "
+                                                      "checkpoint), or one checkpoint file of it")
     g.add_argument("--tasks", default=",".join(glue_data.TASKS),
                    help=f"comma-separated tasks (default all: {','.join(glue_data.TASKS)})")
     g.add_argument("--data-dir", metavar="DIR", help="GLUE folders (CoLA/, SST-2/, MRPC/, STS-B/, QQP/, MNLI/, "
@@ -498,6 +524,9 @@ def add_parser(sub) -> None:
                    help="torch.compile the model (default on GPU)")
     g.add_argument("--no-compile", dest="compile", action="store_false", help="run eagerly (default on CPU)")
     g.add_argument("--tokenizer", metavar="FILE", help="the run's tokenizer.json, if its data folder moved")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="also read a checkpoint without checksum (version 1) by full unpickling, which can run "
+                        "code; only for checkpoints you made yourself")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     g.set_defaults(func=cmd_eval_glue)
 
@@ -507,7 +536,7 @@ def cmd_eval_glue(args) -> int:
     opts = GlueOptions(run_dir=args.run_dir, tasks=glue_data.parse_tasks(args.tasks), data_dir=args.data_dir,
                        seeds=args.seeds, out=args.out, kernels=args.kernels, max_examples=args.max_examples,
                        device=args.device, compile=args.compile, tokenizer=args.tokenizer, protocol=proto,
-                       progress=not args.quiet)
+                       progress=not args.quiet, trust_checkpoint=args.trust_checkpoint)
     report = run_glue(opts)
     print(report["table"], end="")
     print(f"wrote {report['json_path']} and {report['md_path']}", file=sys.stderr)

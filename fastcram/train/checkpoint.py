@@ -1,51 +1,115 @@
-"""Atomic checkpoints: model, optimizer, data position, budget spent, config and RNG states.
+"""Checkpoints: the one format (version 2), its atomic writes and the one loader that resume, eval and export use.
 
-A checkpoint file is written to a temporary name, fsynced and renamed, so any `*.pt` under a run's
-checkpoints/ folder is complete. Resume takes the newest one by step.
+A checkpoint is a plain `torch.save` file (model, optimizer, step, data position, budget spent, config, RNG
+states) holding only tensors and plain values (dict, list, tuple, str, int, float, bool, None), so
+`torch.load(weights_only=True)` reads it and no code can run while it is read. Beside it, NAME.pt.sha256.json
+records its format, step, size and SHA-256; the loader checks size and checksum before anything is unpickled.
+
+Writes are atomic: the payload goes to a temp file (hashed as it is written), is fsynced, its record is written
+atomically, then the payload is renamed into place. A write killed at any moment leaves either no NAME.pt or a
+complete one; a NAME.pt whose record is older (an overwritten final.pt, killed between the two renames) fails
+its checksum and is passed over like a damaged file. Temp files and records without their checkpoint are
+removed when a run resumes.
+
+Version-1 checkpoints (written before this format: no record, numpy RNG state as an array) need full
+unpickling, which can run code: they are refused unless the user vouches for the file (--trust-checkpoint).
 """
 from __future__ import annotations
 
-import glob
+import contextlib
+import hashlib
+import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..data.loader import DataPosition
+from ..errors import UserError
+from ..files import atomic_write_json, sha256_stream
 
+FORMAT = 2
 CKPT_DIR = "checkpoints"
 FINAL = "final.pt"
+RECORD_SUFFIX = ".sha256.json"  # NAME.pt -> NAME.pt.sha256.json
+TRUST_FLAG = "--trust-checkpoint"
+_STEP_NAME = re.compile(r"step-(\d+)\.pt")
+_TEMP_NAME = re.compile(r"(?:step-\d+|final)\.pt(?:\.sha256\.json)?\.tmp\d+")  # what a killed write leaves
 
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+# ---------------------------------------------------------------- RNG states as tensors and plain values
 
 def rng_state(mask_gen: torch.Generator) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "mask": mask_gen.get_state()}
+    version, keys, gauss_next = random.getstate()
+    kind, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(keys), gauss_next],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(mt.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state(), "mask": mask_gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict, mask_gen: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore rng_state(); also takes a trusted version-1 state (tuples and a numpy array)."""
+    version, keys, gauss_next = state["python"]
+    random.setstate((version, tuple(keys), gauss_next))
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np_state = (np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                    np_state["has_gauss"], np_state["cached_gaussian"])
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     mask_gen.set_state(state["mask"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------- writing
+
+class _HashingWriter:
+    """A write-only file that hashes what passes through. It has no seek: a serialiser that needed one would
+    fail loudly rather than leave a checksum of other bytes."""
+
+    def __init__(self, f):
+        self.f, self.name, self.sha, self.size = f, f.name, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def record_path(path: str) -> str:
+    return path + RECORD_SUFFIX
+
+
 def save(path: str, payload: dict) -> None:
-    """Write payload to path atomically (temp file in the same folder, fsync, rename)."""
+    """Write payload (plus its format number) to path atomically, with its record beside it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            out = _HashingWriter(f)
+            torch.save({**payload, "format": FORMAT}, out)
             f.flush()
             os.fsync(f.fileno())
+        atomic_write_json(record_path(path), {"format": FORMAT, "file": os.path.basename(path),
+                                              "step": payload.get("step"), "bytes": out.size,
+                                              "sha256": out.sha.hexdigest()})
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -53,14 +117,100 @@ def save(path: str, payload: dict) -> None:
         raise
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make the renames themselves durable
     finally:
         os.close(dir_fd)
 
 
-def load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+# ---------------------------------------------------------------- the one loader
 
+def load_checkpoint(path: str, trust: bool = False, say: Callable[[str], None] | None = None) -> dict:
+    """The payload of a checkpoint, checked; `path` is a checkpoint file or a run folder. The payload's "_path"
+    says which file it came from.
+
+    A file: its record (path + .sha256.json) must give its size and SHA-256 before anything is unpickled, then
+    torch.load(weights_only=True) reads it (tensors and plain values only) and it must be format 2; otherwise
+    CheckpointError (a UserError: exit 2) names the file and what failed. A run folder: its checkpoints newest
+    first (by the step their records give; final.pt first on a tie); each that fails is named through `say`
+    (default: stderr) and the next older one tried; CheckpointError when none is left.
+
+    trust=True (--trust-checkpoint): a file without a record, or holding more than plain values (a version-1
+    checkpoint), is read by full unpickling, which can run code: only for files the user vouches for. A wrong
+    size or checksum is refused even then."""
+    if not os.path.isdir(path):
+        return _load_file(path, trust)
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = candidates(path)
+    if not paths:
+        raise CheckpointError(f"{path} has no checkpoint ({CKPT_DIR}/final.pt or step-*.pt)")
+    if len(paths) == 1:
+        return _load_file(paths[0], trust)
+    for p in paths:
+        try:
+            return _load_file(p, trust)
+        except CheckpointError as e:
+            say(f"fastcram: warning: {e}; trying an older checkpoint")
+    raise CheckpointError(f"none of the {len(paths)} checkpoints of {path} can be used (each is named above)")
+
+
+def _load_file(path: str, trust: bool) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    record = read_record(path)
+    if record is None and not trust:
+        raise CheckpointError(f"checkpoint {path} has no checksum record ({os.path.basename(record_path(path))}): "
+                              f"it is a version-1 checkpoint or lost its record, and reading it would unpickle "
+                              f"arbitrary objects, which can run code; if you made it yourself, pass {TRUST_FLAG}")
+    with open(path, "rb") as f:  # one open file: what is hashed is what is loaded
+        if record is not None:
+            size = os.fstat(f.fileno()).st_size
+            sha = sha256_stream(f) if size == record["bytes"] else None
+            if sha != record["sha256"]:
+                raise CheckpointError(f"checkpoint {path} fails its checksum ({'size' if sha is None else 'SHA-256'} "
+                                      f"differs from {os.path.basename(record_path(path))}): the file is damaged "
+                                      f"or was changed")
+            f.seek(0)
+        try:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # an UnpicklingError names the first object that is not a plain value
+            if not trust:
+                raise CheckpointError(f"checkpoint {path} holds more than tensors and plain values, so it is not read "
+                                      f"({type(e).__name__}: {_first_line(e)}); if you made it yourself, pass "
+                                      f"{TRUST_FLAG}") from None
+            f.seek(0)
+            try:
+                payload = torch.load(f, map_location="cpu", weights_only=False)
+            except Exception as e2:
+                raise CheckpointError(f"checkpoint {path} cannot be read ({type(e2).__name__}: "
+                                      f"{_first_line(e2)})") from None
+    if not isinstance(payload, dict) or not (payload.get("format") == FORMAT or trust):
+        what = payload.get("format", 1) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"checkpoint {path} is format {what}; this fastcram reads format {FORMAT}")
+    payload["_path"] = path
+    return payload
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def read_record(path: str) -> dict | None:
+    """The record beside a checkpoint file, or None when there is none; CheckpointError when it is malformed."""
+    rec = record_path(path)
+    try:
+        with open(rec) as f:
+            record = json.load(f)
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+                and re.fullmatch(r"[0-9a-f]{64}", str(record.get("sha256")))):
+            raise ValueError("no size and SHA-256 in it")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: its record {rec} is unreadable ({e})") from None
+    return record
+
+
+# ---------------------------------------------------------------- a run's checkpoint files
 
 def step_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, CKPT_DIR, f"step-{step:08d}.pt")
@@ -68,14 +218,25 @@ def step_path(run_dir: str, step: int) -> str:
 
 def list_checkpoints(run_dir: str) -> list[str]:
     """Periodic checkpoints, oldest first."""
-    paths = glob.glob(os.path.join(run_dir, CKPT_DIR, "step-*.pt"))
-    return sorted(paths, key=lambda p: int(re.search(r"step-(\d+)\.pt$", p).group(1)))
+    folder = os.path.join(run_dir, CKPT_DIR)
+    names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if _STEP_NAME.fullmatch(n)]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(_STEP_NAME.fullmatch(n).group(1)))]
 
 
 def candidates(run_dir: str) -> list[str]:
-    """Checkpoints to resume from, best first: final.pt if the run finished, then periodic ones newest first."""
+    """A run's checkpoint files, newest first: by the step in their records (final.pt first on a tie), then those
+    without a record (version 1: final.pt, then periodic ones by the step in their names)."""
     final = os.path.join(run_dir, CKPT_DIR, FINAL)
-    return ([final] if os.path.isfile(final) else []) + list_checkpoints(run_dir)[::-1]
+    paths = ([final] if os.path.isfile(final) else []) + list_checkpoints(run_dir)[::-1]
+    steps = {}
+    for p in paths:
+        try:
+            rec = read_record(p)
+        except CheckpointError:
+            rec = None  # named when it is loaded
+        steps[p] = rec.get("step") if rec is not None and isinstance(rec.get("step"), int) else None
+    with_step = sorted((p for p in paths if steps[p] is not None), key=lambda p: (-steps[p], p != final))
+    return with_step + [p for p in paths if steps[p] is None]
 
 
 def latest(run_dir: str) -> str | None:
@@ -83,17 +244,31 @@ def latest(run_dir: str) -> str | None:
     return c[0] if c else None
 
 
+def _remove_checkpoint(path: str) -> None:
+    os.remove(path)
+    if os.path.exists(record_path(path)):
+        os.remove(record_path(path))
+
+
 def prune(run_dir: str, keep: int) -> None:
     """Keep the newest `keep` periodic checkpoints (final.pt is never pruned)."""
     for p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        os.remove(p)
+        _remove_checkpoint(p)
 
 
 def cleanup_temp_files(run_dir: str) -> list[str]:
-    """Remove temp files left by a write that was killed (they never look like checkpoints)."""
-    stale = glob.glob(os.path.join(run_dir, CKPT_DIR, "*.tmp*"))
-    for p in stale:
-        os.remove(p)
+    """Remove what killed writes left: temp files, and records whose checkpoint never appeared (only names
+    fastcram gives its own files)."""
+    folder = os.path.join(run_dir, CKPT_DIR)
+    stale = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        ckpt = name[:-len(RECORD_SUFFIX)] if name.endswith(RECORD_SUFFIX) else None
+        if _TEMP_NAME.fullmatch(name) or (ckpt and (ckpt == FINAL or _STEP_NAME.fullmatch(ckpt))
+                                           and not os.path.exists(os.path.join(folder, ckpt))):
+            with contextlib.suppress(FileNotFoundError):  # every rank of a resumed run cleans up
+                os.remove(path)
+            stale.append(path)
     return stale
 
 

@@ -77,7 +77,7 @@ class Training:
     def __init__(self, opts: RunOptions, ctx: DistContext, now: Callable[[], float]):
         self.ctx, self.now, self.main, self.opts = ctx, now, ctx.is_main, opts
         self.run_dir, resumed = open_run(opts, check_existing=self.main)
-        self.resumed = open_checkpoint(self.run_dir, self.say) if resumed else None
+        self.resumed = open_checkpoint(self.run_dir, self.warn, opts.trust_checkpoint) if resumed else None
         if self.resumed is not None:
             self.opts = restore_options(opts, self.run_dir)
         self.tcfg = self.opts.train
@@ -95,6 +95,10 @@ class Training:
     def say(self, msg: str) -> None:
         if self.main:
             say(self.opts.progress, msg)
+
+    def warn(self, msg: str) -> None:  # shown with --quiet too
+        if self.main:
+            say(True, msg)
 
     # ------------------------------------------------------------ set-up
 

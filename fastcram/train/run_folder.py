@@ -24,6 +24,9 @@ def open_run(opts: RunOptions, check_existing: bool = True) -> tuple[str, bool]:
     run_dir = opts.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{opts.preset}")
     if check_existing and os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UserError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another --out")
+    if check_existing and os.path.isdir(run_dir) and os.listdir(run_dir):  # never write among the user's files
+        raise UserError(f"--out {run_dir} is not empty and holds no run; fastcram writes a run only into a new or "
+                        f"empty folder: choose another --out")
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
@@ -45,17 +48,13 @@ def restore_options(opts: RunOptions, run_dir: str) -> RunOptions:
                                data=from_dict(DataConfig, saved["data"]))
 
 
-def open_checkpoint(run_dir: str, say: Callable[[str], None]) -> dict:
-    """The newest readable checkpoint of a run; an unreadable one is named and the next older one tried."""
+def open_checkpoint(run_dir: str, say: Callable[[str], None], trust: bool = False) -> dict:
+    """The newest usable checkpoint of a run (checkpoint.load_checkpoint: one that fails its checksum or holds
+    more than plain values is named and the next older one tried); exit 2 when none is left."""
     ckpt.cleanup_temp_files(run_dir)
-    paths = ckpt.candidates(run_dir)
-    if not paths:
+    if not ckpt.candidates(run_dir):
         raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again instead")
-    for path in paths:
-        try:
-            state = ckpt.load(path)
-            state["_path"] = path
-            return state
-        except Exception as e:
-            say(f"fastcram: warning: cannot read checkpoint {path} ({e}); trying an older one")
-    raise UserError(f"--resume {run_dir}: no readable checkpoint among {len(paths)}")
+    try:
+        return ckpt.load_checkpoint(run_dir, trust=trust, say=say)
+    except ckpt.CheckpointError as e:
+        raise UserError(f"--resume {run_dir}: {e}") from None
