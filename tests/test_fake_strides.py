@@ -88,3 +88,59 @@ def test_compiled_layer_norm_on_strided_views(view):
             results.append((loss.detach(), *torch.autograd.grad(loss, args)))
     for a, e in zip(*results):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ ffn and mlm_loss
+from fastcram.ops import ffn as ffn_mod  # noqa: E402
+from fastcram.ops import mlm_loss as mlm_mod  # noqa: E402
+
+D, F = 24, 20  # hidden, GLU width (w_in [2F, D], w_out [D, F])
+
+
+def strided(make_view: str, rows: int, cols: int) -> torch.Tensor:
+    """A [rows, cols] tensor laid out as `make_view` says (fresh values)."""
+    if make_view == "transposed":
+        return torch.randn(cols, rows).t()
+    if make_view == "sliced":
+        return torch.randn(rows, 2 * cols)[:, ::2]
+    if make_view == "rows-sliced":
+        return torch.randn(2 * rows, cols)[::2]
+    return torch.randn(1, cols).expand(rows, cols)
+
+
+@pytest.mark.parametrize("view", ["transposed", "sliced", "rows-sliced", "expanded"])
+def test_ffn_and_mlm_loss_fakes_match_real_outputs(view):
+    x = strided(view, 13, D)
+    w_in, w_out = strided(view, 2 * F, D), strided(view, D, F)
+    real, fake = fake_and_real(torch.ops.fastcram.ffn_fwd, x, w_in, w_out, True, True)
+    assert_same_layout(real, fake)
+    _, h, _ = real
+    real, fake = fake_and_real(torch.ops.fastcram.ffn_preact_grad, strided(view, 13, D), w_out, h, True)
+    assert_same_layout([real], [fake])
+    rows, weight = strided(view, 13, D), strided(view, 37, D)
+    labels = torch.randint(0, 37, (13,))
+    real, fake = fake_and_real(torch.ops.fastcram.mlm_loss_fwd, rows, labels, weight, True, True)
+    assert_same_layout(real, fake)
+
+
+@pytest.mark.parametrize("view", ["transposed", "sliced", "expanded"])
+def test_compiled_ffn_and_mlm_loss_on_strided_views(view):
+    """The FFN and the loss on views made inside a compiled graph: forward and every gradient equal eager."""
+    make, take = IN_GRAPH_VIEWS[view]
+    base = make()
+    w_in, w_out, weight = 0.3 * torch.randn(2 * F, N), 0.3 * torch.randn(N, F), 0.3 * torch.randn(37, N)
+    labels = torch.randint(0, 37, (ROWS,))
+
+    def f(x, w_in, w_out, weight):
+        h = take(x)  # [ROWS, N], strided
+        out = ffn_mod.ffn(h, w_in, w_out, "geglu")  # [ROWS, N]
+        return mlm_mod.mlm_loss(out + h, labels, weight)
+
+    results = []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for fn in (f, torch.compile(f, fullgraph=True, dynamic=False)):
+            args = [t.detach().clone().requires_grad_() for t in (base, w_in, w_out, weight)]
+            loss = fn(*args)
+            results.append((loss.detach(), *torch.autograd.grad(loss, args)))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

@@ -72,6 +72,9 @@ def add_parser(sub) -> None:
     c.add_argument("--preset", default="crammed-bert", help="model preset whose shapes are compiled")
     c.add_argument("--all-configs", action="store_true",
                    help="also compile the configs the pruner drops for an architecture (marked pruned=yes)")
+    c.add_argument("--check-driver", action="store_true",
+                   help="on a GPU: load every compiled kernel into the CUDA driver and compare its registers and "
+                        "spills with the report's (tools/gpu_check.sh does this)")
     c.add_argument("--native-lib", default=os.path.join("build", "libfastcram_native.so"), metavar="FILE",
                    help="CMake-built native library to report too (default build/libfastcram_native.so)")
     c.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/compile-<arches>-<time>.csv)")
@@ -194,7 +197,18 @@ def cmd_compile(args) -> int:
     _check_writable(path, "--csv")
     settings = cr.ReportSettings(arches=arches, ops=tuple(_split(args.ops)) if args.ops else None,
                                  preset=args.preset, micro_batches=micro, all_configs=args.all_configs,
-                                 native_lib=args.native_lib)
+                                 native_lib=args.native_lib, check_driver=args.check_driver)
+    if args.check_driver:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--check-driver needs a CUDA GPU (it loads the kernels into the driver); leave it out "
+                            "on a machine without one")
+        major, minor = torch.cuda.get_device_capability()
+        mine = {(9, 0): "90a", (8, 0): "80"}.get((major, minor))
+        if mine is None or arches != (mine,):
+            raise UserError(f"--check-driver loads kernels into this GPU (sm_{major}{minor}): pass --arch "
+                            f"{mine or 'of this GPU'}" + ("" if mine else "; only 90a and 80 are known"))
     rows = cr.run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     headers, cells = cr.table(rows)
     import triton
@@ -207,6 +221,14 @@ def cmd_compile(args) -> int:
     if failed:
         print(f"fastcram: {len(failed)} plan(s) failed to compile; see the status column", file=sys.stderr)
         return 1
+    if args.check_driver:
+        checked = sum("driver_regs" in r for r in rows)
+        bad = cr.driver_mismatches(rows)
+        for line in bad:
+            print(f"fastcram: driver disagrees: {line}", file=sys.stderr)
+        print(f"fastcram: {checked} kernels loaded into the driver; registers and spills "
+              f"{'agree' if not bad else f'differ for {len(bad)}'}", file=sys.stderr)
+        return 1 if bad or not checked else 0
     return 0
 
 

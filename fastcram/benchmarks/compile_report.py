@@ -29,7 +29,7 @@ ARCHES = ("90a", "80")
 MICRO_BATCHES = (32, 64, 128, 256, 512, 1024)  # the GPU micro-batch search's candidates
 COLUMNS = ["op", "kernel", "arch", "config", "dtypes", "status", "regs", "shared_bytes", "local_bytes",
            "spill_stores", "threads", "ctas_per_sm", "wgmma", "tma", "cp_async", "uses_dot", "pruned", "compile_s",
-           "micro_batch", "triton"]
+           "micro_batch", "triton", "driver_regs", "driver_spills"]
 
 
 @dataclass
@@ -39,6 +39,7 @@ class ReportSettings:
     preset: str = "crammed-bert"
     micro_batches: tuple = MICRO_BATCHES
     all_configs: bool = False  # compile the configs the pruner drops too (marked pruned=yes)
+    check_driver: bool = False  # on a GPU: also load every cubin into the driver and record its n_regs/n_spills
     native_lib: str | None = os.path.join("build", "libfastcram_native.so")
     workers: int = 2
     env: dict = field(default_factory=dict)  # extra environment for the workers (tests)
@@ -58,16 +59,18 @@ def plan_modules(names=None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def run_worker(arch: str, modules: list[str], preset_name: str, micro_batches, all_configs: bool) -> list[dict]:
-    """In a process without TRITON_INTERPRET: compile every plan's launches for `arch`; one row a kernel."""
+def run_worker(arch: str, modules: list[str], preset_name: str, micro_batches, all_configs: bool,
+               check_driver: bool = False) -> list[dict]:
+    """In a process without TRITON_INTERPRET: compile every plan's launches for `arch`; one row a kernel.
+    check_driver (on a GPU): load each cubin into the real driver too and add its n_regs and n_spills."""
     import triton
 
     from ..config import preset
-    from ..ops.compile_only import compile_only
+    from ..ops.compile_only import compile_only, driver_usage
 
     cfg = preset(preset_name).model
     rows = []
-    with compile_only(arch, keep_all_configs=all_configs) as target:
+    with compile_only(arch, keep_all_configs=all_configs, keep_cubins=check_driver) as target:
         for mb in micro_batches:
             for name in modules:
                 mod = importlib.import_module(f"fastcram.ops.{name}")
@@ -79,7 +82,11 @@ def run_worker(arch: str, modules: list[str], preset_name: str, micro_batches, a
                                  f"{str(e).splitlines()[0][:200]}", "micro_batch": mb})
                 for rec in target.records[start:]:
                     rows.append(_row(name, rec, mb, target))
+                    rows[-1]["_rec"] = rec
     for r in rows:
+        rec = r.pop("_rec", None)
+        if check_driver and rec is not None and rec.cubin and rec.status == "ok":
+            r["driver_regs"], r["driver_spills"] = driver_usage(rec)
         r["triton"] = triton.__version__
     return rows
 
@@ -145,6 +152,8 @@ def run(settings: ReportSettings, log=print) -> list[dict]:
                        "--micro-batches", ",".join(map(str, settings.micro_batches)), "--out", out]
                 if settings.all_configs:
                     cmd.append("--all-configs")
+                if settings.check_driver:
+                    cmd.append("--check-driver")
                 log(f"compiling {', '.join(modules)} for sm_{arch} ...")
                 procs.append((arch, out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                                           stderr=subprocess.STDOUT, text=True)))
@@ -191,9 +200,10 @@ def _main(argv=None) -> int:
     p.add_argument("--micro-batches", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--all-configs", action="store_true")
+    p.add_argument("--check-driver", action="store_true")
     a = p.parse_args(argv)
     rows = run_worker(a.worker, a.modules.split(","), a.preset, [int(m) for m in a.micro_batches.split(",")],
-                      a.all_configs)
+                      a.all_configs, a.check_driver)
     with open(a.out, "w") as f:
         json.dump(rows, f)
     return 0
@@ -204,3 +214,18 @@ if __name__ == "__main__":
 
 
 __all__ = ["ReportSettings", "run", "write_csv", "table", "asdict"]
+
+
+def driver_mismatches(rows: list[dict]) -> list[str]:
+    """Rows where the CPU report's registers or spills (local bytes / 4, as Triton's driver counts them)
+    differ from what the CUDA driver reported for the same cubin."""
+    bad = []
+    for r in rows:
+        if "driver_regs" not in r:
+            continue
+        cpu = (r["regs"], (r["local_bytes"] or 0) // 4)
+        gpu = (r["driver_regs"], r["driver_spills"])
+        if cpu != gpu:
+            bad.append(f"{r['kernel']} {r['config']} {r['dtypes']} sm_{r['arch']}: report regs/spills {cpu}, "
+                       f"driver {gpu}")
+    return bad

@@ -93,6 +93,8 @@ class Compiled:
     compile_s: float | None = None  # None: compiled before this launch asked for it
     dtypes: str = ""  # element types of the pointer arguments, e.g. "bf16,fp32"
     uses_dot: bool = False  # the kernel's source has a tl.dot (a GEMM: it should use wgmma on sm_90a)
+    cubin: bytes = b""  # kept only when asked (to load it into a real driver: `bench compile --check-driver`)
+    symbol: str = ""  # the kernel's function name inside the cubin
 
     @property
     def uses(self) -> dict:
@@ -178,6 +180,9 @@ class _Utils:
     def load_binary(self, name, cubin, shared, device):
         """Where a real driver loads the cubin: read its registers and spills instead."""
         rec = self.driver.pending.pop(name)
+        rec.symbol = name
+        if self.driver.keep_cubins:
+            rec.cubin = bytes(cubin)
         usage = resource_usage(cubin).get(name, {})
         # spills live in the stack frame: local memory a thread = STACK + LOCAL (the driver's LOCAL_SIZE_BYTES)
         rec.regs, rec.local = usage.get("REG"), usage.get("STACK", 0) + usage.get("LOCAL", 0)
@@ -195,10 +200,11 @@ class _Utils:
 class CompileOnlyDriver:
     """A Triton driver whose device is `arch` and whose launches compile and record, never run."""
 
-    def __init__(self, arch: Arch, keep_all_configs: bool = False):
+    def __init__(self, arch: Arch, keep_all_configs: bool = False, keep_cubins: bool = False):
         from triton.backends.compiler import GPUTarget
 
         self.arch = arch
+        self.keep_cubins = keep_cubins
         self.keep_all_configs = keep_all_configs  # compile what the pruner drops too (the report marks it)
         self.dropped: set = set()  # (kernel, config kwargs, warps, stages) the pruner dropped
         self.target = GPUTarget("cuda", arch.capability, 32)
@@ -266,7 +272,8 @@ class CompileOnlyDriver:
     def would_prune(self, rec: Compiled) -> bool:
         for kernel, kwargs, warps, stages in self.dropped:
             if (kernel == rec.kernel and warps == rec.num_warps and stages == rec.num_stages
-                    and all(rec.constexprs.get(k) == v for k, v in kwargs)):
+                    and all(rec.constexprs.get(k, v) == v for k, v in kwargs)):  # launch keys not constexprs
+                # of the kernel (the autotuner's grid, warmup) do not tell launches apart
                 return True
         return False
 
@@ -309,7 +316,7 @@ def _ptx_of(metadata) -> str:
 
 
 @contextlib.contextmanager
-def compile_only(arch_name: str, keep_all_configs: bool = False):
+def compile_only(arch_name: str, keep_all_configs: bool = False, keep_cubins: bool = False):
     """Launches inside compile for `arch_name` and are recorded; yields the driver (its `records`).
 
     Uses a fresh, private Triton cache, so compile times are real and nothing leaks into the user's cache.
@@ -319,7 +326,7 @@ def compile_only(arch_name: str, keep_all_configs: bool = False):
     from triton import knobs
     from triton.runtime.driver import driver as triton_driver
 
-    fake = CompileOnlyDriver(arch_of(arch_name), keep_all_configs)
+    fake = CompileOnlyDriver(arch_of(arch_name), keep_all_configs, keep_cubins)
     old_hook = knobs.runtime.jit_cache_hook
     old_cache = knobs.cache.dir
 
@@ -400,3 +407,15 @@ def _short_name(mangled: str) -> str:
                 break
     head, sep, tail = name.partition("<")
     return head.rsplit("::", 1)[-1].split(" ")[-1] + sep + tail
+
+
+def driver_usage(rec: Compiled, device_index: int = 0) -> tuple[int, int]:
+    """(n_regs, n_spills) the real CUDA driver reports when it loads the record's cubin (a GPU is needed):
+    the figures Triton's own launches read, to hold the cuobjdump reading against."""
+    from triton.runtime.driver import driver as triton_driver
+
+    utils = triton_driver.active.utils
+    module, _function, n_regs, n_spills, _max_threads = utils.load_binary(rec.symbol, rec.cubin, rec.shared,
+                                                                         device_index)
+    utils.unload_module(module)
+    return n_regs, n_spills
