@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastcram.benchmarks.case import Unavailable
-from fastcram.benchmarks.step import StepSettings, build_variant
+from fastcram.benchmarks.step import StepSettings, build_variant, parse
 from fastcram.config import preset
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,9 +20,9 @@ def test_step(benchmark, backend, synced):
         pytest.skip("triton kernels are timed on a GPU only")
     cfg = preset("tiny").model
     s = StepSettings(preset="tiny", device=DEVICE, micro_batch=MICRO_BATCH, steps=1, warmup=1, repeats=1,
-                     compile=DEVICE == "cuda", backends=(backend,))
+                     compile=DEVICE == "cuda", variants=(backend,))
     try:
-        v = build_variant(backend, cfg, s)
+        v = build_variant(parse([backend])[0], cfg, s)
     except Unavailable as e:
         pytest.skip(f"unavailable: {e}")
     loss = v.step()  # warm-up: compiles on a GPU

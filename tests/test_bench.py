@@ -164,7 +164,13 @@ def test_cli_kernels_writes_csv_and_table(tmp_path, monkeypatch, capsys, fake_mo
 
 @pytest.mark.parametrize("argv,needle", [
     (["bench", "kernels", "--ops", "layer_norm,nope"], "--ops nope: unknown op"),
-    (["bench", "step", "--backends", "jax"], "--backends jax: unknown"),
+    (["bench", "step", "--variants", "jax"], "--variants: 'jax' in 'jax' is not KEY=VALUE"),
+    (["bench", "step", "--variants", "kernels=torch,kernels=triton+residual=bf17"],
+     "--variants: residual=bf17 is not a value of residual; choose one of fp32, bf16"),
+    (["bench", "step", "--variants", "kernels=torch+warp=9"], "--variants: unknown switch 'warp'"),
+    (["bench", "step", "--variants", "kernels.nope=triton"], "--variants: unknown op 'nope'"),
+    (["bench", "step", "--variants", "kernels=auto"], "--variants: kernels=auto is not a value of kernels"),
+    (["bench", "step", "--variants", "kernels=torch", "kernels=torch"], "--variants: variant 'kernels=torch' is given"),
     (["bench", "step", "--preset", "huge-bert", "--device", "cpu"], "--preset huge-bert: unknown"),
     (["bench", "plot", "/nonexistent/x.csv"], "/nonexistent/x.csv: no such CSV file"),
 ])
@@ -187,7 +193,7 @@ def test_step_tiny_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fastcram.train.step, "triton_unavailable_reason", lambda device: "no GPU in this test")
     s = step.StepSettings(preset="tiny", device="cpu", micro_batch=2, steps=1, warmup=1, repeats=3,
-                          compile=False, backends=("triton", "torch", "hf"))
+                          compile=False, variants=("triton", "torch", "hf"))
     path = tmp_path / "step.csv"
     rows = step.run(s, str(path), log=open(os.devnull, "w"))
     tri, tor, hf = rows
@@ -207,6 +213,50 @@ def test_step_tiny_on_cpu(tmp_path, monkeypatch):
     written = read_csv(path)
     assert [r["variant"] for r in written] == ["fastcram triton", "fastcram torch", "hf bert"]
     assert written[1]["mfu_mean"] == "" and "synthetic" in written[1]["data"]
+
+
+def test_step_variants_side_by_side(tmp_path):
+    """Any combination of switches in one run: each row carries its switch values; an SDPA backend the CPU
+    lacks is reported, not fatal; the sparse last layer's FLOPs are counted per variant."""
+    s = step.StepSettings(preset="tiny", device="cpu", micro_batch=2, steps=1, warmup=1, repeats=2, compile=False,
+                          variants=("kernels=torch", "full:kernels=torch+sparse=off+attention=math",
+                                    "kernels=torch+attention=efficient",
+                                    "kernels=torch+autocast=bf16+residual=bf16"))
+    path = tmp_path / "step.csv"
+    rows = step.run(s, str(path), log=open(os.devnull, "w"))
+    written = {r["variant"]: r for r in read_csv(path)}
+    assert list(written) == ["kernels=torch", "full", "kernels=torch+attention=efficient",
+                             "kernels=torch+autocast=bf16+residual=bf16"]
+    full = written["full"]
+    assert (full["status"], full["switches"], full["sparse"], full["attention"], full["residual"]) == (
+        "ok", "kernels=torch+sparse=off+attention=math", "off", "math", "fp32")
+    assert written["kernels=torch"]["sparse"] == "on" and written["kernels=torch"]["attention"] == "default"
+    assert float(full["flops_per_token"]) > float(written["kernels=torch"]["flops_per_token"])
+    assert written["kernels=torch+attention=efficient"]["status"].startswith("unavailable: --attention efficient")
+    bf16 = written["kernels=torch+autocast=bf16+residual=bf16"]
+    assert (bf16["status"], bf16["autocast"], bf16["residual"]) == ("ok", "bf16", "bf16")
+    assert rows[0].speedup_vs_torch == pytest.approx(1.0) and rows[1].speedup_vs_torch > 0
+
+
+def test_variant_grammar():
+    from fastcram.train import switches as sw
+
+    vs = sw.parse_variants(["kernels=torch,kernels=triton+residual=bf16", "mine:kernels=triton+kernels.mlm_loss=torch",
+                            "triton"])
+    assert [(v.name, v.settings) for v in vs] == [
+        ("kernels=torch", {"kernels": "torch"}),
+        ("kernels=triton+residual=bf16", {"kernels": "triton", "residual": "bf16"}),
+        ("mine", {"kernels": "triton", "kernels.mlm_loss": "torch"}),
+        ("triton", {"kernels": "triton"})]
+    from fastcram.config import TrainConfig, preset
+
+    m, t = sw.apply(vs[2].settings, preset("tiny").model, TrainConfig())
+    assert t.kernels == "triton" and t.per_op == {"mlm_loss": "torch"}
+    m, t = sw.apply({"sparse": "off", "compile": "off", "compile_mode": "reduce-overhead"}, preset("tiny").model,
+                    TrainConfig())
+    assert not m.sparse_last_layer and not t.compile and t.compile_mode == "reduce-overhead"
+    assert preset("tiny").model.sparse_last_layer  # the preset itself is untouched
+    assert sw.current(m, t)["sparse"] == "off" and sw.label({"a": "1", "b": "2"}) == "a=1+b=2"
 
 
 def test_step_flops_and_mfu():
@@ -292,7 +342,10 @@ def test_gpu_check_dry_run_writes_the_report(tmp_path):
         assert f"| {stage} |" in report
     assert "| FAILED" not in report and "TIMED OUT" not in report
     assert "tests collected" in report  # pytest -m gpu collected the GPU tests
-    assert read_csv(out / "kernels.csv") and read_csv(out / "step.csv")[1]["status"] == "ok"
+    assert read_csv(out / "kernels.csv")
+    steps = {r["variant"]: r["status"] for r in read_csv(out / "step.csv")}  # the main variants' CPU forms
+    assert [steps[v] for v in ("fastcram torch", "kernels=torch+autocast=bf16+residual=bf16",
+                               "kernels=torch+attention=math")] == ["ok"] * 3 and len(steps) == 5
     tail = res.stdout.strip().splitlines()
     assert any("gpu_check summary (dry run)" in ln for ln in tail[-12:])  # the summary comes last
 

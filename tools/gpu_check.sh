@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fastcram's one-shot GPU check: run it from a checkout on any CUDA machine (a lent one, or yours).
 #
-#   bash tools/gpu_check.sh            # about 8 minutes: GPU tests, kernel and step benchmarks, a 2-minute train
+#   bash tools/gpu_check.sh            # about 8 minutes: GPU tests, kernel benchmarks, the step benchmark's main
+#                                      # variants (kernels, residual dtype, CUDA graphs, attention, HF), a 2-minute train
 #   bash tools/gpu_check.sh --dry-run  # no GPU needed: runs every stage's command in its CPU/--help form and
 #                                      # writes the report skeleton, so the script itself is tested anywhere
 #
@@ -18,8 +19,11 @@
 # torch, triton, numpy, tokenizers and pytest (pytest-benchmark, rich, transformers, nvidia-ml-py are used
 # when present). Wheels of missing pure-Python packages in $GPU_CHECK_WHEELS (default ./.whl) are unpacked
 # into a scratch folder and put on the path first.
-# Seconds per stage, to override: GPU_CHECK_T_TESTS=80 GPU_CHECK_T_KERNELS=140 GPU_CHECK_T_STEP=110
+# Seconds per stage, to override: GPU_CHECK_T_TESTS=70 GPU_CHECK_T_KERNELS=100 GPU_CHECK_T_STEP=160
 # GPU_CHECK_T_TRAIN=135; GPU_CHECK_TRAIN_MINUTES=2 (the training budget). With 10 s of set-up: 475 s.
+# The step variants run in order of importance (each compiles its own graph; rows are written as each
+# finishes); GPU_CHECK_STEP_VARIANTS overrides them. Compile caches go to the cache folder ($FASTCRAM_CACHE),
+# so a second check compiles faster.
 set -u
 
 DRY=0
@@ -34,9 +38,10 @@ done
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
-T_TESTS=${GPU_CHECK_T_TESTS:-80}
-T_KERNELS=${GPU_CHECK_T_KERNELS:-140}
-T_STEP=${GPU_CHECK_T_STEP:-110}
+T_TESTS=${GPU_CHECK_T_TESTS:-70}
+T_KERNELS=${GPU_CHECK_T_KERNELS:-100}
+T_STEP=${GPU_CHECK_T_STEP:-160}
+STEP_VARIANTS=${GPU_CHECK_STEP_VARIANTS:-"torch triton kernels=triton+residual=bf16 kernels=triton+compile_mode=reduce-overhead hf kernels=triton+attention=cudnn"}
 T_TRAIN=${GPU_CHECK_T_TRAIN:-135}
 TRAIN_MINUTES=${GPU_CHECK_TRAIN_MINUTES:-2}
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
@@ -162,9 +167,11 @@ if [ "$DRY" = 1 ]; then
   stage bench-kernels "$T_KERNELS" "dry run: CPU, only cases predicted under 10 ms a call" \
     "${FASTCRAM[@]}" bench kernels --quick --device cpu --cpu-call-limit 0.01 --plain \
     --skip-providers torch.compile-max-autotune --csv "$OUT_DIR/kernels.csv"
-  stage bench-step "$T_STEP" "dry run: tiny preset on the CPU" \
+  # the GPU variants with what a CPU lacks swapped for CPU values: eager, math attention, bf16 autocast
+  stage bench-step "$T_STEP" "dry run: tiny preset on the CPU, eager" \
     "${FASTCRAM[@]}" bench step --device cpu --preset tiny --micro-batch 2 --steps 1 --warmup 1 --repeats 3 \
-    --plain --csv "$OUT_DIR/step.csv"
+    --plain --csv "$OUT_DIR/step.csv" --variants torch triton kernels=torch+autocast=bf16+residual=bf16 \
+    kernels=torch+attention=math hf
   stage train "$T_TRAIN" "dry run: --help only" "${FASTCRAM[@]}" train --help
 else
   # GPU telemetry for the whole check, whatever fastcram itself records.
@@ -208,8 +215,9 @@ else
   stage bench-kernels "$T_KERNELS" "rows are written as each case finishes" \
     "${FASTCRAM[@]}" bench kernels --quick --plain --skip-providers torch.compile-max-autotune \
     --csv "$OUT_DIR/kernels.csv"
-  stage bench-step "$T_STEP" "synthetic data; triton, torch, then HF" \
-    "${FASTCRAM[@]}" bench step --steps 15 --warmup 2 --plain --csv "$OUT_DIR/step.csv"
+  # shellcheck disable=SC2086  # the variants are words
+  stage bench-step "$T_STEP" "synthetic data; main variants in order, each compiled" \
+    "${FASTCRAM[@]}" bench step --steps 10 --warmup 3 --plain --csv "$OUT_DIR/step.csv" --variants $STEP_VARIANTS
   wait "$DATA_PID"
   TRAIN_FLAGS=()
   if "${FASTCRAM[@]}" train --help 2>/dev/null | grep -qE -- '--telemetry([^-]|$)'; then TRAIN_FLAGS+=(--telemetry); fi

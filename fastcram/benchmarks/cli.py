@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     k.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
     k.set_defaults(func=cmd_kernels)
 
-    s = bsub.add_parser("step", help="training-step tokens/s and MFU: triton vs torch kernels vs HF BERT")
+    s = bsub.add_parser("step", help="training-step tokens/s and MFU of any combination of the step-level "
+                                     "switches, side by side, and HF BERT")
     s.add_argument("--preset", help="model preset (default crammed-bert on a GPU, tiny on the CPU)")
     s.add_argument("--repeats", type=_positive_int("--repeats"), default=3, help="timed repeats (default 3)")
     s.add_argument("--micro-batch", type=_positive_int("--micro-batch"), help="sequences per step "
@@ -54,8 +55,10 @@ def add_parser(sub) -> None:
                                                                   "3 on the CPU)")
     s.add_argument("--warmup", type=_positive_int("--warmup"), help="untimed steps first, where compile happens "
                                                                     "(default 3 on a GPU, 1 on the CPU)")
-    s.add_argument("--backends", nargs="+", metavar="B", default=["triton", "torch", "hf"],
-                   help="variants: triton, torch, hf (default all three)")
+    s.add_argument("--variants", "--backends", nargs="+", metavar="V", default=["triton", "torch", "hf"],
+                   help="variants, each a set of switch values [NAME:]KEY=VALUE+KEY=VALUE (e.g. kernels=torch "
+                        "kernels=triton+residual=bf16; commas also separate), or a shorthand: torch, triton, "
+                        "hf (Hugging Face BERT). Keys: " + ", ".join(_switch_keys()) + " (default: triton torch hf)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _compile_flags(s)
     s.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU when fastcram's table lacks the GPU")
@@ -86,6 +89,12 @@ def add_parser(sub) -> None:
     pl.add_argument("--out", metavar="DIR", default=os.path.join(RESULTS_DIR, "plots"),
                     help="folder for the PNGs (default bench/results/plots)")
     pl.set_defaults(func=cmd_plot)
+
+
+def _switch_keys() -> list[str]:
+    from ..train.switches import OP_PREFIX, SWITCHES
+
+    return [f"{k} ({'|'.join(s.values)})" for k, s in SWITCHES.items()] + [f"{OP_PREFIX}<op> (torch|triton|cuda)"]
 
 
 def _split(values: list[str]) -> list[str]:
@@ -137,16 +146,14 @@ def cmd_kernels(args) -> int:
 
 def cmd_step(args) -> int:
     device = _device(args.device)
-    backends = _split(args.backends)
 
     from ..config import PRESETS, TrainConfig, preset
     from ..observe.env_info import device_name
+    from ..train.compile_cache import compile_caches, describe
     from . import step
     from .table import print_table
 
-    unknown = [b for b in backends if b not in step.VARIANTS]
-    if unknown:
-        raise UserError(f"--backends {' '.join(unknown)}: unknown; choose from {', '.join(step.VARIANTS)}")
+    variants = step.parse(_split(args.variants))  # a bad variant is one line naming it, before any work
     gpu = device.startswith("cuda")
     name = args.preset or ("crammed-bert" if gpu else "tiny")
     if name not in PRESETS:
@@ -155,12 +162,14 @@ def cmd_step(args) -> int:
     settings = step.StepSettings(
         preset=name, device=device, micro_batch=micro, steps=args.steps or (20 if gpu else 3),
         warmup=args.warmup or (3 if gpu else 1), repeats=args.repeats,
-        compile=gpu if args.compile is None else args.compile, backends=tuple(backends),
+        compile=gpu if args.compile is None else args.compile, variants=tuple(variants),
         peak_tflops=args.peak_tflops)
     if settings.repeats < 3:
         print("fastcram: fewer than 3 repeats: the spread is not meaningful", file=sys.stderr)
     path = args.csv or _default_csv("step", device_name(device))
-    rows = step.run(settings, path)
+    with compile_caches() as caches:
+        print(f"compile caches: {describe(caches)}", file=sys.stderr)
+        rows = step.run(settings, path)
     title = (f"fastcram bench step: {name}, micro-batch {micro}, {settings.repeats} x {settings.steps} steps "
              f"on {rows[0].env.get('device', device) if rows else device} ({step.DATA_NOTE})")
     print_table(step.TABLE_HEADERS, step.table_cells(rows), title, plain=args.plain)

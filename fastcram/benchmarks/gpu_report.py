@@ -146,9 +146,17 @@ def train_section(log: list[dict]) -> tuple[str, str]:
                         f"{r.get('tokens_per_s', 0):,.0f}",
                         f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a",
                         str(r.get("data_wait_s", "")), str(r.get("budget_spent_s", ""))] for r in recs])]
+    start = next((r for r in log if r.get("event") in ("start", "resume")), None)
+    if start and isinstance(start.get("switches"), dict):
+        lines.append("\nSwitches (value, how chosen): " + "; ".join(
+            f"{k} {v.get('value')} ({v.get('how')})" for k, v in start["switches"].items()))
+    startup = next((r for r in log if r.get("event") == "startup"), None)
+    if startup:
+        lines.append(f"Start-up {startup.get('startup_s')} s: tuning {startup.get('tuning_s')} s, model "
+                     f"{startup.get('build_s')} s, first step (compile) {startup.get('first_step_s')} s.")
     if end:
         lines.append(f"\nEnd: {end.get('steps')} steps, {(end.get('tokens') or 0) / 1e6:.1f}M tokens, "
-                     f"budget spent {end.get('budget_spent_s')} s.")
+                     f"budget spent {end.get('budget_spent_s')} s, peak GPU memory {end.get('peak_mem_mib')} MiB.")
         if isinstance(end.get("telemetry"), dict):
             lines.append("Telemetry summary from the run: " + ", ".join(f"{k} {v}" for k, v in end["telemetry"].items()))
     mfu_txt = f", MFU {100 * sum(mfus) / len(mfus):.1f}%" if mfus else ""
