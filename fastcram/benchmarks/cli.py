@@ -233,8 +233,10 @@ def cmd_compile(args) -> int:
     if args.check_driver:
         checked = sum("driver_regs" in r for r in rows)
         bad = cr.driver_mismatches(rows)
-        for line in bad:
-            print(f"fastcram: driver disagrees: {line}", file=sys.stderr)
+        for r in bad:
+            print(f"fastcram: the driver disagrees on {r['kernel']} {r['config']} {r['dtypes']}: report regs "
+                  f"{r['regs']}, local {r['local_bytes']} B; driver regs {r['driver_regs']}, spills "
+                  f"{r['driver_spills']}", file=sys.stderr)
         print(f"fastcram: {checked} kernels loaded into the driver; registers and spills "
               f"{'agree' if not bad else f'differ for {len(bad)}'}", file=sys.stderr)
         return 1 if bad or not checked else 0

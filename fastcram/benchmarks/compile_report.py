@@ -216,16 +216,11 @@ if __name__ == "__main__":
 __all__ = ["ReportSettings", "run", "write_csv", "table", "asdict"]
 
 
-def driver_mismatches(rows: list[dict]) -> list[str]:
-    """Rows where the CPU report's registers or spills (local bytes / 4, as Triton's driver counts them)
-    differ from what the CUDA driver reported for the same cubin."""
-    bad = []
-    for r in rows:
-        if "driver_regs" not in r:
-            continue
-        cpu = (r["regs"], (r["local_bytes"] or 0) // 4)
-        gpu = (r["driver_regs"], r["driver_spills"])
-        if cpu != gpu:
-            bad.append(f"{r['kernel']} {r['config']} {r['dtypes']} sm_{r['arch']}: report regs/spills {cpu}, "
-                       f"driver {gpu}")
-    return bad
+def driver_mismatches(rows: list[dict]) -> list[dict]:
+    """The rows (from `run` or read back from the CSV) whose registers or spills (local bytes / 4, as
+    Triton's driver counts them) differ from what the CUDA driver reported for the same cubin."""
+    def num(v) -> int:
+        return int(v or 0)
+
+    return [r for r in rows if r.get("driver_regs") not in (None, "")
+            and (num(r["regs"]), num(r["local_bytes"]) // 4) != (num(r["driver_regs"]), num(r["driver_spills"]))]
