@@ -222,8 +222,10 @@ def cmd_compile(args) -> int:
     headers, cells = cr.table(rows)
     import triton
 
-    print_table(headers, cells, f"fastcram bench compile: {len(rows)} kernels for sm_{', sm_'.join(arches)} "
-                                f"(Triton {triton.__version__})", plain=args.plain)
+    title = f"{len(rows)} kernels for sm_{', sm_'.join(arches)} (Triton {triton.__version__})"
+    print_table(headers, cells, f"fastcram bench compile: {title}", plain=args.plain)
+    print_table(*cr.summary(rows), f"summary: {title}; kept = the configs the pruner keeps that launch",
+                plain=args.plain)
     cr.write_csv(rows, path)
     print(f"wrote {path}", file=sys.stderr)
     failed = [r for r in rows if str(r.get("status", "")).startswith("error")]

@@ -189,6 +189,34 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return headers, [[str(r.get(k, "")) for k in keys] for r in rows]
 
 
+def summary(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One line per (op, kernel, arch, dtypes): configs compiled, registers, shared memory, spills, CTAs an
+    SM, and what the PTX uses; the full rows are in the CSV."""
+    groups: dict = {}
+    for r in rows:
+        if r.get("kernel", "-") == "-":
+            continue
+        groups.setdefault((r["op"], r["kernel"].split("<")[0], r["arch"], r.get("dtypes", "-")), []).append(r)
+    headers = ["op", "kernel", "arch", "dtypes", "configs", "kept", "regs", "smem KiB max", "spill stores",
+               "CTA/SM", "wgmma", "tma", "cp.async"]
+    out = []
+    for (op, kernel, arch, dtypes), rs in groups.items():
+        kept = [r for r in rs if r.get("pruned") != "yes" and r.get("status") == "ok"]
+        regs = [int(r["regs"]) for r in kept if r.get("regs") not in (None, "")]
+        ctas = [int(r["ctas_per_sm"]) for r in kept if r.get("ctas_per_sm") not in (None, "")]
+        smem = max((int(r["shared_bytes"] or 0) for r in kept), default=0)
+
+        def any_yes(key: str) -> str:
+            vals = {r.get(key) for r in kept}
+            return "yes" if "yes" in vals else ("-" if vals <= {"-", None} else "no")
+
+        out.append([op, kernel, arch, dtypes, str(len(rs)), str(len(kept)),
+                    f"{min(regs)}-{max(regs)}" if regs else "-", f"{smem / 1024:.1f}",
+                    str(sum(int(r.get("spill_stores") or 0) for r in kept)),
+                    f"{min(ctas)}-{max(ctas)}" if ctas else "-", any_yes("wgmma"), any_yes("tma"), any_yes("cp_async")])
+    return headers, out
+
+
 def _main(argv=None) -> int:
     """The worker entry point (`python -m fastcram.benchmarks.compile_report --worker ARCH ...`)."""
     import argparse
