@@ -323,6 +323,22 @@ def test_gpu_report_marks_failures_and_timeouts(tmp_path, fake_module):
     assert "unavailable: needs a CUDA GPU" in md and "copy 5.0 GB/s" in md
 
 
+def test_gpu_report_names_kernels_the_driver_disagrees_on(tmp_path):
+    """compile.csv from `bench compile --check-driver`: a row whose registers or spills differ from the
+    driver's is named in the report; agreeing rows are counted."""
+    from fastcram.benchmarks import compile_report as cr
+    from fastcram.benchmarks import gpu_report
+
+    base = {"op": "ffn", "kernel": "_k", "arch": "90a", "config": "BLOCK_M=64", "dtypes": "bf16", "status": "ok",
+            "regs": 128, "local_bytes": 0, "spill_stores": 0, "driver_regs": 128, "driver_spills": 0}
+    rows = [base, {**base, "config": "BLOCK_M=128", "regs": 200, "driver_regs": 208},
+            {**base, "config": "BLOCK_M=256", "local_bytes": 16, "driver_spills": 4}]
+    cr.write_csv(rows, str(tmp_path / "compile.csv"))
+    md, summary = gpu_report.compile_section(read_csv(tmp_path / "compile.csv"))
+    assert summary.startswith("3 kernels checked against the driver, 1 disagree")
+    assert "BLOCK_M=128" in md and "BLOCK_M=256" not in md.split("Disagreeing rows:")[1]
+
+
 def _gpu_check(tmp_path, *args):
     env = {**os.environ, "OUT": str(tmp_path / "gc_out"), "PYTHON": sys.executable}
     env.pop("TRITON_INTERPRET", None)
@@ -338,8 +354,10 @@ def test_gpu_check_dry_run_writes_the_report(tmp_path):
     assert {"report.md", "kernels.csv", "step.csv", "stages.log"} <= set(files) and len(files) <= 8
     report = (out / "report.md").read_text()
     assert "DRY RUN" in report
-    for stage in ("data-prep", "native-build", "gpu-tests", "bench-kernels", "bench-step", "train"):
+    for stage in ("data-prep", "native-build", "gpu-tests", "bench-kernels", "bench-step", "compile-check", "train"):
         assert f"| {stage} |" in report
+    compiled = read_csv(out / "compile.csv")  # the compile report's CPU form: one op for sm_90a
+    assert compiled and {r["arch"] for r in compiled} == {"90a"} and all(r["status"] == "ok" for r in compiled)
     assert "| FAILED" not in report and "TIMED OUT" not in report
     assert "tests collected" in report  # pytest -m gpu collected the GPU tests
     assert read_csv(out / "kernels.csv")

@@ -6,14 +6,16 @@
 #   bash tools/gpu_check.sh --dry-run  # no GPU needed: runs every stage's command in its CPU/--help form and
 #                                      # writes the report skeleton, so the script itself is tested anywhere
 #
-# Writes into $OUT when set, else ./gpu_check_out: report.md, kernels.csv, step.csv, train_log.jsonl,
-# telemetry.jsonl (when training wrote one), nvidia_smi.csv and stages.log (every stage's full output):
-# at most 8 files, so a lent machine hands them all back. The short summary table is printed last.
+# Writes into $OUT when set, else ./gpu_check_out: report.md, kernels.csv, step.csv, compile.csv,
+# train_log.jsonl, telemetry.jsonl (when training wrote one), nvidia_smi.csv and stages.log (every stage's full
+# output): 8 files at most, so a lent machine hands them all back. The short summary table is printed last.
 #
 # Stages run on a fixed schedule: each must end by its deadline (time a stage leaves unused passes to the
 # next), so the whole check ends in about 8 minutes. A failing or timed-out stage does not stop the later
 # ones; its exit code and the tail of its output go into the report. While the GPU tests run, the built-in
-# corpus is prepared (CPU) and the native CUDA kernels are built when cmake and nvcc exist (background).
+# corpus is prepared (CPU) and the native CUDA kernels are built when cmake and nvcc exist (background); while
+# the training stage runs, `fastcram bench compile --check-driver` compiles every Triton kernel for this GPU's
+# architecture as the CPU report does and loads each into the driver, whose registers and spills must agree.
 #
 # Nothing is installed: the checkout is used through PYTHONPATH with $PYTHON (default python3), which needs
 # torch, triton, numpy, tokenizers and pytest (pytest-benchmark, rich, transformers, nvidia-ml-py are used
@@ -48,8 +50,8 @@ WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 
 mkdir -p "$OUT_DIR" || { echo "gpu_check.sh: cannot create the output folder $OUT_DIR" >&2; exit 2; }
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-rm -f "$OUT_DIR"/report.md "$OUT_DIR"/kernels.csv "$OUT_DIR"/step.csv "$OUT_DIR"/train_log.jsonl \
-      "$OUT_DIR"/telemetry.jsonl "$OUT_DIR"/nvidia_smi.csv "$OUT_DIR"/stages.log
+rm -f "$OUT_DIR"/report.md "$OUT_DIR"/kernels.csv "$OUT_DIR"/step.csv "$OUT_DIR"/compile.csv \
+      "$OUT_DIR"/train_log.jsonl "$OUT_DIR"/telemetry.jsonl "$OUT_DIR"/nvidia_smi.csv "$OUT_DIR"/stages.log
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 : > "$WORK/stages.tsv"
 
@@ -172,6 +174,9 @@ if [ "$DRY" = 1 ]; then
     "${FASTCRAM[@]}" bench step --device cpu --preset tiny --micro-batch 2 --steps 1 --warmup 1 --repeats 3 \
     --plain --csv "$OUT_DIR/step.csv" --variants torch triton kernels=torch+autocast=bf16+residual=bf16 \
     kernels=torch+attention=math hf
+  run_stage compile-check 300 "dry run: one op's kernels compiled for sm_90a on the CPU, no driver" quiet \
+    "${FASTCRAM[@]}" bench compile --arch 90a --ops mlm_loss --micro-batches 32 --native-lib "" --plain \
+    --csv "$OUT_DIR/compile.csv"
   stage train "$T_TRAIN" "dry run: --help only" "${FASTCRAM[@]}" train --help
 else
   # GPU telemetry for the whole check, whatever fastcram itself records.
@@ -219,6 +224,19 @@ else
   stage bench-step "$T_STEP" "synthetic data; main variants in order, each compiled" \
     "${FASTCRAM[@]}" bench step --steps 10 --warmup 3 --plain --csv "$OUT_DIR/step.csv" --variants $STEP_VARIANTS
   wait "$DATA_PID"
+  # CPU work beside the training stage (not beside the timed benchmarks): the compile report for this GPU's
+  # architecture, every kernel then loaded into the driver, whose registers and spills must equal the report's
+  COMPILE_ARCH=$("$PY" -c "import torch; print({(9, 0): '90a', (8, 0): '80'}.get(torch.cuda.get_device_capability(), ''))" 2>/dev/null)
+  COMPILE_PID=
+  if [ -n "$COMPILE_ARCH" ]; then
+    run_stage compile-check "$T_TRAIN" "bench compile --check-driver, sm_$COMPILE_ARCH, beside the training run" \
+      quiet "${FASTCRAM[@]}" bench compile --arch "$COMPILE_ARCH" --micro-batches 256 --check-driver \
+      --native-lib "" --plain --csv "$OUT_DIR/compile.csv" &
+    COMPILE_PID=$!
+    BG_PIDS+=($COMPILE_PID)
+  else
+    skip_stage compile-check "no compile report for this GPU's architecture (only sm_90a and sm_80 are known)"
+  fi
   TRAIN_FLAGS=()
   if "${FASTCRAM[@]}" train --help 2>/dev/null | grep -qE -- '--telemetry([^-]|$)'; then TRAIN_FLAGS+=(--telemetry); fi
   stage train "$T_TRAIN" "crammed-bert, triton kernels, ${TRAIN_MINUTES}-minute budget" \
@@ -226,6 +244,7 @@ else
     --log-interval 10 --checkpoint-interval 100000 --out "$WORK/train-run" ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
   [ -f "$WORK/train-run/log.jsonl" ] && cp "$WORK/train-run/log.jsonl" "$OUT_DIR/train_log.jsonl"
   [ -f "$WORK/train-run/telemetry.jsonl" ] && cp "$WORK/train-run/telemetry.jsonl" "$OUT_DIR/telemetry.jsonl"
+  [ -n "$COMPILE_PID" ] && wait "$COMPILE_PID"
 fi
 
 for pid in ${BG_PIDS[@]+"${BG_PIDS[@]}"}; do kill "$pid" 2>/dev/null; done

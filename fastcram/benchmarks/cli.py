@@ -1,7 +1,8 @@
-"""Flags of `fastcram bench ...`: kernels (microbenchmarks), step (end-to-end), plot (PNGs from the CSVs).
+"""Flags of `fastcram bench ...`: kernels (microbenchmarks), step (end-to-end), compile (the kernels built for
+GPU architectures on any machine), plot (PNGs from the CSVs).
 
-This file only turns flags into settings; the work is in kernels.py, step.py and plot.py. torch is imported
-inside the handlers so that `--help` stays instant.
+This file only turns flags into settings; the work is in kernels.py, step.py, compile_report.py and plot.py.
+torch is imported inside the handlers so that `--help` stays instant.
 """
 from __future__ import annotations
 
@@ -64,6 +65,24 @@ def add_parser(sub) -> None:
     s.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/step-<device>-<time>.csv)")
     s.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
     s.set_defaults(func=cmd_step)
+
+    c = bsub.add_parser("compile", help="compile every Triton kernel for GPU architectures on this machine (no GPU "
+                                         "needed): registers, shared memory, spills, occupancy, wgmma/TMA use")
+    c.add_argument("--arch", default="90a,80", help="architectures, comma-separated (default 90a,80)")
+    c.add_argument("--ops", nargs="+", metavar="OP", help="ops or op files to compile (default all)")
+    c.add_argument("--micro-batches", default="32,64,128,256,512,1024", metavar="N,N",
+                   help="micro-batches of crammed-bert to specialize for (default the GPU search's 32..1024)")
+    c.add_argument("--preset", default="crammed-bert", help="model preset whose shapes are compiled")
+    c.add_argument("--all-configs", action="store_true",
+                   help="also compile the configs the pruner drops for an architecture (marked pruned=yes)")
+    c.add_argument("--check-driver", action="store_true",
+                   help="on a GPU: load every compiled kernel into the CUDA driver and compare its registers and "
+                        "spills with the report's (tools/gpu_check.sh does this)")
+    c.add_argument("--native-lib", default=os.path.join("build", "libfastcram_native.so"), metavar="FILE",
+                   help="CMake-built native library to report too (default build/libfastcram_native.so)")
+    c.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/compile-<arches>-<time>.csv)")
+    c.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
+    c.set_defaults(func=cmd_compile)
 
     pl = bsub.add_parser("plot", help="one PNG per op from benchmark CSVs (needs matplotlib)")
     pl.add_argument("csv", nargs="*", metavar="CSV", help="CSV files (default: bench/results/*.csv)")
@@ -160,6 +179,83 @@ def cmd_step(args) -> int:
         print(f"fastcram: {len(bad)} variant(s) failed; see the status column", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_compile(args) -> int:
+    from ..config import PRESETS
+    from . import compile_report as cr
+    from .table import print_table
+
+    arches = tuple(_split([args.arch]))
+    from ..ops.compile_only import ARCHS
+
+    bad = [a for a in arches if a not in ARCHS]
+    if bad or not arches:
+        raise UserError(f"--arch {args.arch}: unknown architecture(s) {', '.join(bad) or '(none)'}; choose from "
+                        f"{', '.join(ARCHS)}")
+    try:
+        micro = tuple(int(m) for m in _split([args.micro_batches]))
+    except ValueError:
+        micro = ()
+    if not micro or min(micro) <= 0:
+        raise UserError(f"--micro-batches {args.micro_batches}: give positive whole numbers, e.g. 32,256")
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown; choose one of {', '.join(PRESETS)}")
+    path = args.csv or os.path.join(RESULTS_DIR, f"compile-{'-'.join('sm' + a for a in arches)}-"
+                                                 f"{time.strftime('%Y%m%d-%H%M%S')}.csv")
+    _check_writable(path, "--csv")
+    settings = cr.ReportSettings(arches=arches, ops=tuple(_split(args.ops)) if args.ops else None,
+                                 preset=args.preset, micro_batches=micro, all_configs=args.all_configs,
+                                 native_lib=args.native_lib, check_driver=args.check_driver)
+    if args.check_driver:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--check-driver needs a CUDA GPU (it loads the kernels into the driver); leave it out "
+                            "on a machine without one")
+        major, minor = torch.cuda.get_device_capability()
+        mine = {(9, 0): "90a", (8, 0): "80"}.get((major, minor))
+        if mine is None or arches != (mine,):
+            raise UserError(f"--check-driver loads kernels into this GPU (sm_{major}{minor}): pass --arch "
+                            f"{mine or 'of this GPU'}" + ("" if mine else "; only 90a and 80 are known"))
+    rows = cr.run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+    headers, cells = cr.table(rows)
+    import triton
+
+    title = f"{len(rows)} kernels for sm_{', sm_'.join(arches)} (Triton {triton.__version__})"
+    print_table(headers, cells, f"fastcram bench compile: {title}", plain=args.plain)
+    print_table(*cr.summary(rows), f"summary: {title}; kept = the configs the pruner keeps that launch",
+                plain=args.plain)
+    cr.write_csv(rows, path)
+    print(f"wrote {path}", file=sys.stderr)
+    failed = [r for r in rows if str(r.get("status", "")).startswith("error")]
+    if failed:
+        print(f"fastcram: {len(failed)} plan(s) failed to compile; see the status column", file=sys.stderr)
+        return 1
+    if args.check_driver:
+        checked = sum("driver_regs" in r for r in rows)
+        bad = cr.driver_mismatches(rows)
+        for r in bad:
+            print(f"fastcram: the driver disagrees on {r['kernel']} {r['config']} {r['dtypes']}: report regs "
+                  f"{r['regs']}, local {r['local_bytes']} B; driver regs {r['driver_regs']}, spills "
+                  f"{r['driver_spills']}", file=sys.stderr)
+        print(f"fastcram: {checked} kernels loaded into the driver; registers and spills "
+              f"{'agree' if not bad else f'differ for {len(bad)}'}", file=sys.stderr)
+        return 1 if bad or not checked else 0
+    return 0
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Fail before any work when the output cannot be written: a folder, or a folder we cannot create."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'compile.csv')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create its folder ({e.strerror}); choose another path") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: the folder {parent} is not writable; choose another path")
 
 
 def cmd_plot(args) -> int:

@@ -2,7 +2,7 @@
 
 Reads what the script left: <work>/stages.tsv (one line per stage: name, exit code, seconds, time limit,
 command, one-line note), each stage's log <work>/<name>.log, <work>/env.txt, and in the output folder
-kernels.csv, step.csv, train_log.jsonl, telemetry.jsonl, nvidia_smi.csv. Writes <out>/report.md and prints
+kernels.csv, step.csv, compile.csv, train_log.jsonl, telemetry.jsonl, nvidia_smi.csv. Writes <out>/report.md and prints
 the short summary table last. Only the standard library is needed, so a broken torch still gets a report.
 """
 from __future__ import annotations
@@ -132,6 +132,29 @@ def step_section(rows: list[dict]) -> tuple[str, str]:
     return f"{body}\n\n({note}; mean and std over {rows[0]['repeats']} repeats)", "; ".join(parts)
 
 
+def compile_section(rows: list[dict]) -> tuple[str, str]:
+    """The compile report on the GPU machine: the CPU-side reading of every cubin against the driver's."""
+    if not rows:
+        return "No compile rows (the stage did not write compile.csv).", "no rows"
+    from .compile_report import driver_mismatches  # standard library only, like this file
+
+    checked = [r for r in rows if r.get("driver_regs")]
+    bad = driver_mismatches(rows)
+    spills = [r for r in rows if r.get("spill_stores") not in ("", "0", None)]
+    table = [[r["op"], r["kernel"], r["config"], r["dtypes"], r["regs"], r["driver_regs"],
+              str(int(r["local_bytes"] or 0) // 4), r["driver_spills"], r["ctas_per_sm"], r["wgmma"], r["tma"]]
+             for r in (bad or checked[:12])]
+    body = [f"{len(rows)} kernels compiled by `fastcram bench compile` on the GPU machine (Triton "
+            f"{rows[0].get('triton', '?')}); {len(checked)} loaded into the CUDA driver; registers and spills "
+            f"{'agree for every one' if checked and not bad else f'differ for {len(bad)}'}; {len(spills)} with "
+            f"spill stores.", "", ("Disagreeing rows:" if bad else "First rows:"), "",
+            md_table(["op", "kernel", "config", "dtypes", "regs (report)", "regs (driver)", "spills (report)",
+                      "spills (driver)", "CTA/SM", "wgmma", "tma"], table)]
+    summary = (f"{len(checked)} kernels checked against the driver, "
+               + (f"{len(bad)} disagree" if bad else "all agree") + f"; {len(spills)} spill")
+    return "\n".join(body), summary
+
+
 def train_section(log: list[dict]) -> tuple[str, str]:
     recs = [r for r in log if "loss" in r and "step" in r]
     end = next((r for r in reversed(log) if r.get("event") == "end"), None)
@@ -214,8 +237,9 @@ def build(out: str, work: str, dry_run: bool) -> tuple[str, list[list[str]]]:
     stages = read_stages(work)
     kmd, ksum = kernels_section(read_csv(os.path.join(out, "kernels.csv")))
     smd, ssum = step_section(read_csv(os.path.join(out, "step.csv")))
+    cmd_, csum = compile_section(read_csv(os.path.join(out, "compile.csv")))
     tmd, tsum = train_section(read_jsonl(os.path.join(out, "train_log.jsonl")))
-    results = {"bench-kernels": ksum, "bench-step": ssum, "train": "" if dry_run else tsum}
+    results = {"bench-kernels": ksum, "bench-step": ssum, "compile-check": csum, "train": "" if dry_run else tsum}
     summary = []
     for s in stages:
         log = os.path.join(work, f"{s['name']}.log")
@@ -235,6 +259,7 @@ def build(out: str, work: str, dry_run: bool) -> tuple[str, list[list[str]]]:
           "## Stages", "", md_table(["stage", "result", "exit", "seconds", "limit s", "summary"], summary), "",
           "## Kernel microbenchmarks (`fastcram bench kernels --quick`)", "", kmd, "",
           "## Training step (`fastcram bench step`)", "", smd, "",
+          "## Compiled kernels against the driver (`fastcram bench compile --check-driver`)", "", cmd_, "",
           "## Training run (`fastcram train --preset crammed-bert --kernels triton --minutes 2`)", "", tmd, "",
           "## Telemetry", "", telemetry_section(out), "", "## Stage commands and log tails", ""]
     for s in stages:
