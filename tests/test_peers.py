@@ -320,3 +320,24 @@ def test_step_parse_knows_the_peer_shorthands():
                                                   ("liger", {}), ("kernels=triton+residual=bf16",
                                                                   {"kernels": "triton", "residual": "bf16"})]
     assert [step.role(v) for v in vs] == ["own", "peer", "peer", "peer", "own"]  # run() marks the headline
+
+
+@pytest.mark.gpu
+@needs_liger
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_liger_ops_layer_norm_on_a_gpu(dtype):
+    """The step variant's Liger LayerNorm op (and add + LayerNorm) against the reference, with the bf16 rule
+    of the output check; opcheck on the op. Its kernels do not run in the CPU interpreter."""
+    from fastcram.benchmarks import liger_ops
+    from fastcram.ops.layer_norm import add_layer_norm_ref, layer_norm_ref
+
+    x, r = (torch.randn(3, 41, 300, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(300, device="cuda")).requires_grad_()  # fp32, as autocast keeps parameters
+    b = (0.1 * torch.randn(300, device="cuda")).requires_grad_()
+    eps = 1e-12
+    peer_check.compare(lambda *t: (liger_ops.layer_norm(*t, eps),), lambda *t: (layer_norm_ref(*t, eps),),
+                       [x, w, b], grad=True)
+    peer_check.compare(lambda *t: liger_ops.add_layer_norm(*t, eps), lambda *t: add_layer_norm_ref(*t, eps),
+                       [x, r, w, b], grad=True)
+    torch.library.opcheck(liger_ops._ln_fwd, (x.detach().reshape(-1, 300).contiguous().requires_grad_(),
+                                              w.detach().requires_grad_(), b.detach().requires_grad_(), eps))
