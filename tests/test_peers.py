@@ -341,3 +341,30 @@ def test_liger_ops_layer_norm_on_a_gpu(dtype):
                        [x, r, w, b], grad=True)
     torch.library.opcheck(liger_ops._ln_fwd, (x.detach().reshape(-1, 300).contiguous().requires_grad_(),
                                               w.detach().requires_grad_(), b.detach().requires_grad_(), eps))
+
+
+def test_report_shows_fastcram_against_its_peers():
+    """The GPU report's peers section, from CSV rows as the benchmarks write them."""
+    from fastcram.benchmarks import gpu_report
+
+    def k(provider, status="ok", t="", role="peer", **kw):
+        return {"op": "mlm_loss", "mode": "fwd+bwd", "shape": "K=8192", "dtype": "bf16", "provider": provider,
+                "status": status, "time_ms": t, "role": role, "best_peer": "", "vs_best_peer": "", "check": "",
+                **kw}
+
+    krows = [k("triton", t="1.5", role="fastcram", best_peer="liger", vs_best_peer="0.75"),
+             k("torch", t="4.0"), k("liger", t="2.0", check="agrees (outputs and gradients; ...)"),
+             k("quack", "unavailable: QuACK is not importable here"),
+             k("apex(gelu=tanh)", "disagrees: output 0: max error 0.1"), k("triton(row_chunk=K/2)", t="1.4", role="own")]
+    srows = [{"variant": "fastcram", "role": "fastcram", "preset": "crammed-bert", "micro_batch": "256",
+              "switches": "kernels=triton", "step_ms_mean": "100.0", "status": "ok", "best_peer": "hf bert",
+              "vs_best_peer": "0.8", "note": "not tuned on this machine yet"},
+             {"variant": "hf bert", "role": "peer", "step_ms_mean": "125.0", "status": "ok"},
+             {"variant": "fastcram+liger", "role": "peer", "step_ms_mean": "", "status": "error: RuntimeError: x"}]
+    md = gpu_report.peers_section(krows, srows)
+    assert "| mlm_loss | fwd+bwd | K=8192 | 1.5 | liger | 2 | 0.75 |" in md
+    assert "| crammed-bert, micro-batch 256 | fastcram (kernels=triton) | 100.00 | hf bert | 125.00 | 0.80 |" in md
+    assert "not tuned on this machine yet" in md and "output check passed: liger" in md
+    assert "- apex(gelu=tanh): disagrees: output 0: max error 0.1 (mlm_loss fwd+bwd K=8192)" in md
+    assert "- quack: unavailable: QuACK is not importable here" in md
+    assert "- step fastcram+liger: error: RuntimeError: x" in md and "triton(row_chunk" not in md

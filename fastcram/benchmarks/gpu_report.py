@@ -137,16 +137,17 @@ def _kernel_peer_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-def _peer_status(rows: list[dict]) -> list[str]:
-    """Each peer that was not timed somewhere: its reason, once (output checks that failed first)."""
-    seen: dict[str, str] = {}
+def _peer_status(rows: list[dict], per_peer: int = 3) -> list[str]:
+    """Each peer that was not timed somewhere: each distinct reason once, with the first case it was given for
+    (disagreeing output checks always, the rest up to per_peer reasons a peer)."""
+    seen: dict[str, dict[str, str]] = {}
     for r in rows:
         if r.get("role") != "peer" or r["status"] == "ok" or r["status"].startswith("skipped: left out"):
             continue
-        key = r["provider"]
-        if r["status"].startswith("disagrees") or key not in seen:
-            seen[key] = f"{r['op']} {r['mode']} {r['shape']}: {r['status']}"
-    return [f"- {k}: {v}" for k, v in seen.items()]
+        reasons = seen.setdefault(r["provider"], {})
+        if r["status"] not in reasons and (r["status"].startswith("disagrees") or len(reasons) < per_peer):
+            reasons[r["status"]] = f"{r['op']} {r['mode']} {r['shape']}"
+    return [f"- {peer}: {status} ({case})" for peer, reasons in seen.items() for status, case in reasons.items()]
 
 
 def _checked(rows: list[dict]) -> list[str]:
@@ -188,7 +189,8 @@ def peers_section(kernel_rows: list[dict], step_rows: list[dict]) -> str:
     missing = _peer_status(kernel_rows) + [f"- step {r['variant']}: {r['status']}" for r in step_rows
                                            if r.get("role") == "peer" and r["status"] != "ok"]
     if missing:
-        parts += ["", "Peers not timed (first reason per peer; a disagreeing check is always shown):", *missing]
+        parts += ["", "Peers not timed (each distinct reason once, with the first case it was given for; a failed "
+                      "output check is always shown):", *missing]
     return "\n".join(parts)
 
 
