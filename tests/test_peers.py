@@ -355,7 +355,8 @@ def test_report_shows_fastcram_against_its_peers():
     krows = [k("triton", t="1.5", role="fastcram", best_peer="liger", vs_best_peer="0.75"),
              k("torch", t="4.0"), k("liger", t="2.0", check="agrees (outputs and gradients; ...)"),
              k("quack", "unavailable: QuACK is not importable here"),
-             k("apex(gelu=tanh)", "disagrees: output 0: max error 0.1"), k("triton(row_chunk=K/2)", t="1.4", role="own")]
+             k("apex(gelu=tanh)", "disagrees: output 0: max error 0.1"),
+             k("triton(row_chunk=K/2)", t="1.4", role="own")]
     srows = [{"variant": "fastcram", "role": "fastcram", "preset": "crammed-bert", "micro_batch": "256",
               "switches": "kernels=triton", "step_ms_mean": "100.0", "status": "ok", "best_peer": "hf bert",
               "vs_best_peer": "0.8", "note": "not tuned on this machine yet"},

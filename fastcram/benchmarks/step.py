@@ -62,8 +62,8 @@ SWITCH_COLUMNS = [k for k in sw.SWITCHES if k not in ("kernels", "compile")]  # 
 CSV_COLUMNS = (["variant", "status", "switches", "kernels", "compiled"] + SWITCH_COLUMNS +
                ["preset", "micro_batch", "seq_len", "steps", "repeats", "tokens_per_s_mean", "tokens_per_s_std",
                 "tokens_per_s_min", "tokens_per_s_max", "step_ms_mean", "mfu_mean", "speedup_vs_torch", "role",
-                "best_peer", "vs_best_peer", "note", "flops_per_token", "peak_tflops", "peak_mem_mib", "params_m", "final_loss", "data", "device",
-                "torch", "triton", "cuda", "git_sha", "date"])
+                "best_peer", "vs_best_peer", "note", "flops_per_token", "peak_tflops", "peak_mem_mib", "params_m",
+                "final_loss", "data", "device", "torch", "triton", "cuda", "git_sha", "date"])
 
 
 @dataclass
