@@ -1,7 +1,8 @@
 """One training step of the tiny preset through pytest-benchmark (the `fastcram bench step` variants).
 
 The torch variant runs everywhere; the triton variant needs a GPU (the CPU interpreter is for tests, not
-timing); the Hugging Face variant needs transformers. Compiled on a GPU, eager on the CPU.
+timing); the Hugging Face variant needs transformers; the liger variant (Liger-Kernel in fastcram) a GPU and
+Liger-Kernel. Compiled on a GPU, eager on the CPU.
 """
 import pytest
 import torch
@@ -14,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MICRO_BATCH = 8
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "hf"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "hf", "liger"])
 def test_step(benchmark, backend, synced):
     if backend == "triton" and DEVICE == "cpu":
         pytest.skip("triton kernels are timed on a GPU only")

@@ -339,15 +339,39 @@ def test_gpu_report_names_kernels_the_driver_disagrees_on(tmp_path):
     assert "BLOCK_M=128" in md and "BLOCK_M=256" not in md.split("Disagreeing rows:")[1]
 
 
-def _gpu_check(tmp_path, *args):
-    env = {**os.environ, "OUT": str(tmp_path / "gc_out"), "PYTHON": sys.executable}
+def _gpu_check(tmp_path, *args, **extra_env):
+    env = {**os.environ, "OUT": str(tmp_path / "gc_out"), "PYTHON": sys.executable, **extra_env}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run(["bash", os.path.join(REPO, "tools", "gpu_check.sh"), *args], capture_output=True,
                           text=True, env=env, cwd=str(tmp_path), timeout=900)
 
 
+def _pure_python_wheel(folder, name: str, version: str) -> str:
+    """A minimal py3-none-any wheel (one module), as tools/fetch_wheels.sh would leave in the wheel folder."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": f"__version__ = '{version}'\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record + [f"{name}-{version}.dist-info/RECORD,,"]) + "\n"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in files.items():
+            z.writestr(member, text)
+    return path.name
+
+
 def test_gpu_check_dry_run_writes_the_report(tmp_path):
-    res = _gpu_check(tmp_path, "--dry-run")
+    """The dry run: every stage in its CPU form, the peers' rows (each unavailable with its reason here, or
+    checked where it runs on the CPU), the wheels of the wheel folder installed and named in the report."""
+    wheel = _pure_python_wheel(tmp_path / "wheels", "fastcram_peer_probe", "0.3")
+    res = _gpu_check(tmp_path, "--dry-run", GPU_CHECK_WHEELS=str(tmp_path / "wheels"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "gc_out"
     files = sorted(os.listdir(out))
@@ -362,8 +386,17 @@ def test_gpu_check_dry_run_writes_the_report(tmp_path):
     assert "tests collected" in report  # pytest -m gpu collected the GPU tests
     assert read_csv(out / "kernels.csv")
     steps = {r["variant"]: r["status"] for r in read_csv(out / "step.csv")}  # the main variants' CPU forms
-    assert [steps[v] for v in ("fastcram torch", "kernels=torch+autocast=bf16+residual=bf16",
-                               "kernels=torch+attention=math")] == ["ok"] * 3 and len(steps) == 5
+    assert [steps[v] for v in ("fastcram", "fastcram torch", "kernels=torch+autocast=bf16+residual=bf16",
+                               "kernels=torch+attention=math")] == ["ok"] * 4 and len(steps) == 7
+    assert steps["fastcram+liger"].startswith("unavailable: ") and steps["hf bert"] in (
+        "ok", "unavailable: transformers is not installed (pip install transformers)")
+    peer_rows = [r for r in read_csv(out / "kernels.csv") if r["role"] == "peer" and r["provider"] not in (
+        "torch", "torch.compile", "torch.compile-max-autotune", "cublas+compiled-epilogue", "linear_cross_entropy")]
+    assert {r["provider"] for r in peer_rows} == {"apex", "liger", "quack", "liger(gelu=tanh)", "apex(gelu=tanh)"}
+    assert all(r["status"].startswith("unavailable: ") and r["time_ms"] == "" for r in peer_rows)
+    assert "## fastcram against its peers" in report and "| step | fastcram variant |" in report
+    assert f"wheels used: {wheel} (from {tmp_path / 'wheels'}, first on the path)" in report
+    assert "liger_kernel: " in report and "quack: " in report  # each peer's version, or that it is missing
     tail = res.stdout.strip().splitlines()
     assert any("gpu_check summary (dry run)" in ln for ln in tail[-12:])  # the summary comes last
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # fastcram's one-shot GPU check: run it from a checkout on any CUDA machine (a lent one, or yours).
 #
-#   bash tools/gpu_check.sh            # about 8 minutes: GPU tests, kernel benchmarks, the step benchmark's main
-#                                      # variants (kernels, residual dtype, CUDA graphs, attention, HF), a 2-minute train
+#   bash tools/gpu_check.sh            # about 8 minutes: GPU tests, kernel benchmarks (with the peers: Liger-Kernel,
+#                                      # QuACK where installed, apex where built), the step benchmark's main variants
+#                                      # (fastcram as tuned, cramming's torch way, HF, Liger; then residual dtype,
+#                                      # CUDA graphs, attention), a 2-minute train
 #   bash tools/gpu_check.sh --dry-run  # no GPU needed: runs every stage's command in its CPU/--help form and
 #                                      # writes the report skeleton, so the script itself is tested anywhere
 #
@@ -20,9 +22,10 @@
 # Nothing is installed: the checkout is used through PYTHONPATH with $PYTHON (default python3), which needs
 # torch, triton, numpy, tokenizers and pytest (pytest-benchmark, rich, transformers, nvidia-ml-py are used
 # when present). Wheels of missing pure-Python packages in $GPU_CHECK_WHEELS (default ./.whl) are unpacked
-# into a scratch folder and put on the path first.
-# Seconds per stage, to override: GPU_CHECK_T_TESTS=70 GPU_CHECK_T_KERNELS=100 GPU_CHECK_T_STEP=160
-# GPU_CHECK_T_TRAIN=135; GPU_CHECK_TRAIN_MINUTES=2 (the training budget). With 10 s of set-up: 475 s.
+# into a scratch folder and put on the path first: `bash tools/fetch_wheels.sh` fills it with the peers'
+# (Liger-Kernel); the report's environment block names the wheels used and every peer's version.
+# Seconds per stage, to override: GPU_CHECK_T_TESTS=60 GPU_CHECK_T_KERNELS=120 GPU_CHECK_T_STEP=170
+# GPU_CHECK_T_TRAIN=135; GPU_CHECK_TRAIN_MINUTES=2 (the training budget). With 10 s of set-up: 495 s.
 # The step variants run in order of importance (each compiles its own graph; rows are written as each
 # finishes); GPU_CHECK_STEP_VARIANTS overrides them. Compile caches go to the cache folder ($FASTCRAM_CACHE),
 # so a second check compiles faster.
@@ -40,10 +43,11 @@ done
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
-T_TESTS=${GPU_CHECK_T_TESTS:-70}
-T_KERNELS=${GPU_CHECK_T_KERNELS:-100}
-T_STEP=${GPU_CHECK_T_STEP:-160}
-STEP_VARIANTS=${GPU_CHECK_STEP_VARIANTS:-"torch triton kernels=triton+residual=bf16 kernels=triton+compile_mode=reduce-overhead hf kernels=triton+attention=cudnn"}
+T_TESTS=${GPU_CHECK_T_TESTS:-60}
+T_KERNELS=${GPU_CHECK_T_KERNELS:-120}
+T_STEP=${GPU_CHECK_T_STEP:-170}
+# fastcram against its peers first (cramming's torch way, HF, Liger), then fastcram's own switches
+STEP_VARIANTS=${GPU_CHECK_STEP_VARIANTS:-"fastcram torch hf liger kernels=triton+residual=bf16 kernels=triton+compile_mode=reduce-overhead kernels=triton+attention=cudnn"}
 T_TRAIN=${GPU_CHECK_T_TRAIN:-135}
 TRAIN_MINUTES=${GPU_CHECK_TRAIN_MINUTES:-2}
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
@@ -84,15 +88,22 @@ if [ "$DRY" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_
        "use --dry-run to validate the commands without one" >&2
   exit 2
 fi
+WHEELS_USED="none (no .whl files in $WHEELS; bash tools/fetch_wheels.sh fetches the peers')"
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  say "installing the wheels in $WHEELS into a scratch folder"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
-    "$WHEELS"/*.whl && export PYTHONPATH="$WORK/site:$PYTHONPATH"
+  say "installing the wheels in $WHEELS into a scratch folder: $(cd "$WHEELS" && ls ./*.whl | sed 's|^\./||' | tr '\n' ' ')"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
+    "$WHEELS"/*.whl; then
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+    WHEELS_USED="$(cd "$WHEELS" && ls ./*.whl | sed 's|^\./||' | tr '\n' ' ')(from $WHEELS, first on the path)"
+  else
+    WHEELS_USED="FAILED to install the wheels in $WHEELS (see above); the peers that need them show as unavailable"
+  fi
 fi
 
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')   mode: $([ "$DRY" = 1 ] && echo dry-run || echo full)"
   echo "host: $(uname -srm), $(nproc 2>/dev/null || echo '?') CPU cores"
+  echo "wheels used: $WHEELS_USED"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv 2>&1
   else
@@ -104,10 +115,17 @@ import torch
 from fastcram.observe.env_info import environment
 print("python", sys.version.split()[0], sys.executable)
 print(json.dumps(environment("cuda" if torch.cuda.is_available() else "cpu")))
-for name in ("triton", "transformers", "rich", "pytest_benchmark", "pynvml", "apex", "tokenizers"):
+from importlib import metadata
+for name, dist in (("triton", "triton"), ("transformers", "transformers"), ("rich", "rich"),
+                   ("pytest_benchmark", "pytest-benchmark"), ("pynvml", "nvidia-ml-py"), ("tokenizers", "tokenizers"),
+                   ("liger_kernel", "liger-kernel"), ("quack", "quack-kernels"), ("apex", "apex")):
     try:
         mod = importlib.import_module(name)
-        print(f"{name}: {getattr(mod, '__version__', 'present')}")
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = getattr(mod, "__version__", "present")
+        print(f"{name}: {version} ({getattr(mod, '__file__', '?')})")
     except Exception as e:
         print(f"{name}: not importable ({type(e).__name__})")
 EOF
@@ -172,8 +190,8 @@ if [ "$DRY" = 1 ]; then
   # the GPU variants with what a CPU lacks swapped for CPU values: eager, math attention, bf16 autocast
   stage bench-step "$T_STEP" "dry run: tiny preset on the CPU, eager" \
     "${FASTCRAM[@]}" bench step --device cpu --preset tiny --micro-batch 2 --steps 1 --warmup 1 --repeats 3 \
-    --plain --csv "$OUT_DIR/step.csv" --variants torch triton kernels=torch+autocast=bf16+residual=bf16 \
-    kernels=torch+attention=math hf
+    --plain --csv "$OUT_DIR/step.csv" --variants fastcram torch hf liger triton \
+    kernels=torch+autocast=bf16+residual=bf16 kernels=torch+attention=math
   run_stage compile-check 300 "dry run: one op's kernels compiled for sm_90a on the CPU, no driver" quiet \
     "${FASTCRAM[@]}" bench compile --arch 90a --ops mlm_loss --micro-batches 32 --native-lib "" --plain \
     --csv "$OUT_DIR/compile.csv"

@@ -55,10 +55,13 @@ def add_parser(sub) -> None:
                                                                   "3 on the CPU)")
     s.add_argument("--warmup", type=_positive_int("--warmup"), help="untimed steps first, where compile happens "
                                                                     "(default 3 on a GPU, 1 on the CPU)")
-    s.add_argument("--variants", "--backends", nargs="+", metavar="V", default=["triton", "torch", "hf"],
+    s.add_argument("--variants", "--backends", nargs="+", metavar="V",
+                   default=["fastcram", "torch", "hf", "liger"],
                    help="variants, each a set of switch values [NAME:]KEY=VALUE+KEY=VALUE (e.g. kernels=torch "
-                        "kernels=triton+residual=bf16; commas also separate), or a shorthand: torch, triton, "
-                        "hf (Hugging Face BERT). Keys: " + ", ".join(_switch_keys()) + " (default: triton torch hf)")
+                        "kernels=triton+residual=bf16; commas also separate), or a shorthand: fastcram (as the "
+                        "auto-tuner left it on this machine), torch, triton, hf (Hugging Face BERT), liger "
+                        "(Liger-Kernel's kernels in fastcram). Keys: " + ", ".join(_switch_keys()) +
+                        " (default: fastcram torch hf liger)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _compile_flags(s)
     s.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU when fastcram's table lacks the GPU")

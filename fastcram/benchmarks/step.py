@@ -9,16 +9,28 @@ host synchronises with the device only around each timed repeat.
 A variant is a named set of step-level switch values in the grammar of fastcram.train.switches, e.g.
 `kernels=torch,kernels=triton+residual=bf16,kernels=triton+compile_mode=reduce-overhead`; unset switches
 keep their defaults (compile on a GPU, bf16 autocast on a GPU). Shorthands:
-  torch    kernels=torch: the reference ops, fused by inductor
+  fastcram fastcram as a run on this machine would start: on a GPU the switches the auto-tuner cached for
+           this model and micro-batch (`fastcram train` tunes them once per machine), or, before any tuning,
+           kernels=triton with the other switches at their defaults (the row's note says which); on a CPU
+           a CPU run's defaults (torch kernels)
+  torch    kernels=torch: the reference ops, fused by inductor (cramming's way: whole-model compile, no
+           custom kernels)
   triton   kernels=triton: the fused Triton kernels
   hf       Hugging Face BertForMaskedLM of the same width and depth (SDPA attention, bf16 autocast,
            compiled): the classic FFN, a prediction-head transform and logits for every token, as that
            library trains it; its MFU counts its own FLOPs.
+  liger    fastcram with Liger-Kernel's kernels in place of its own where the interfaces allow: Liger's
+           LayerNorm (after a torch add for add_layer_norm) and fused linear cross-entropy, fastcram's Triton
+           FFN (Liger's GEGLU is GELU's tanh approximation, not the recipe's exact GELU); see liger_ops.py.
+Peers: torch (kernels=torch), hf and liger. Each row of the headline variant (`fastcram`, else `triton`)
+gets its step time as a ratio to the fastest peer of the same run (`vs_best_peer`, below 1 when fastcram is
+faster).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import sys
@@ -30,23 +42,28 @@ import torch
 
 from ..config import DataConfig, ModelConfig, TrainConfig, preset
 from ..errors import UserError
+from ..files import atomic_write_bytes
 from ..observe.env_info import environment
 from ..observe.metrics import flops_per_token, mfu, peak_tflops
 from ..train import switches as sw
 from .case import Unavailable
 
 HF = "hf"
-NAMES = {"torch": "fastcram torch", "triton": "fastcram triton", HF: "hf bert"}  # shorthands' row names
-DEFAULT_VARIANTS = ("triton", "torch", HF)
+FASTCRAM = "fastcram"
+LIGER = "liger"
+NAMED = (FASTCRAM, HF, LIGER)  # shorthands that are not switch settings
+NAMES = {"torch": "fastcram torch", "triton": "fastcram triton", HF: "hf bert",
+         LIGER: "fastcram+liger"}  # shorthands' row names
+DEFAULT_VARIANTS = (FASTCRAM, "torch", HF, LIGER)
 N_SPECIAL = 7  # ids 0..6 are the special tokens (<pad> <s> </s> <unk> <cls> <sep> <mask>)
 DATA_NOTE = "synthetic data: uniform random token blocks masked by fastcram.data.loader.mask_batch"
 SWITCH_COLUMNS = [k for k in sw.SWITCHES if k not in ("kernels", "compile")]  # each switch's value, one column
 
 CSV_COLUMNS = (["variant", "status", "switches", "kernels", "compiled"] + SWITCH_COLUMNS +
                ["preset", "micro_batch", "seq_len", "steps", "repeats", "tokens_per_s_mean", "tokens_per_s_std",
-                "tokens_per_s_min", "tokens_per_s_max", "step_ms_mean", "mfu_mean", "speedup_vs_torch",
-                "flops_per_token", "peak_tflops", "peak_mem_mib", "params_m", "final_loss", "data", "device",
-                "torch", "triton", "cuda", "git_sha", "date"])
+                "tokens_per_s_min", "tokens_per_s_max", "step_ms_mean", "mfu_mean", "speedup_vs_torch", "role",
+                "best_peer", "vs_best_peer", "note", "flops_per_token", "peak_tflops", "peak_mem_mib", "params_m",
+                "final_loss", "data", "device", "torch", "triton", "cuda", "git_sha", "date"])
 
 
 @dataclass
@@ -82,6 +99,10 @@ class StepRow:
     step_ms_mean: float | None = None
     mfu_mean: float | None = None
     speedup_vs_torch: float | None = None
+    role: str = ""  # "fastcram" (the headline variant) | "peer" (torch, hf, liger) | "own" (other variants)
+    best_peer: str = ""  # on the headline row: the fastest peer of this run
+    vs_best_peer: float | None = None  # on the headline row: its step time / that peer's (< 1: fastcram faster)
+    note: str = ""  # how the variant was resolved (e.g. the `fastcram` variant's tuning source)
     flops_per_token: float | None = None
     peak_tflops: float | None = None
     peak_mem_mib: float | None = None
@@ -107,13 +128,13 @@ class Variant:
 
 
 def parse(specs) -> list[sw.Variant]:
-    """Variant specs -> parsed variants; `hf` stays a name (it is not a switch setting)."""
+    """Variant specs -> parsed variants; `fastcram`, `hf` and `liger` stay names (not switch settings)."""
     out = []
     for spec in specs:
         if isinstance(spec, sw.Variant):
             out.append(spec)
-        elif spec.strip() == HF:
-            out.append(sw.Variant(HF, {}))
+        elif spec.strip() in NAMED:
+            out.append(sw.Variant(spec.strip(), {}))
         else:
             out += sw.parse_variants([spec])
     names = [v.name for v in out]
@@ -146,11 +167,41 @@ def batch_source(model_cfg: ModelConfig, micro_batch: int, device: str, n_blocks
 
 # ---------------------------------------------------------------- the variants
 
-def build_fastcram(model_cfg: ModelConfig, tcfg: TrainConfig, s: StepSettings) -> Variant:
+def tuned_variant(model_cfg: ModelConfig, s: StepSettings) -> tuple[sw.Variant, str]:
+    """The `fastcram` variant's switches, and a note saying where they come from."""
+    if not s.device.startswith("cuda"):
+        return sw.Variant(FASTCRAM, {"kernels": "torch"}), "a CPU run's defaults (nothing is tuned on a CPU)"
+    from ..train.autotune import cached_choice
+
+    request = TrainConfig(kernels=sw.AUTO, attention=sw.AUTO, compile_mode=sw.AUTO if s.compile else "default",
+                          compile=s.compile, device=s.device, micro_batch=s.micro_batch)
+    choice, path = cached_choice(model_cfg, request, s.device, DataConfig().mask_prob)
+    if choice:
+        return sw.Variant(FASTCRAM, dict(choice)), f"as tuned on this machine (tuning cache {path})"
+    return (sw.Variant(FASTCRAM, {"kernels": "triton"}),
+            "not tuned on this machine yet (no tuning cached for this model and micro-batch; `fastcram train` "
+            "tunes once): kernels=triton, the other switches at their defaults")
+
+
+def build_liger(model_cfg: ModelConfig, s: StepSettings) -> Variant:
+    """fastcram on the Liger ops bundle (liger_ops.py), every switch at its default."""
+    try:
+        from . import liger_ops
+    except ImportError as e:
+        raise Unavailable(f"Liger-Kernel is not importable here ({e}); bash tools/fetch_wheels.sh (the GPU check "
+                          f"installs it), or pip install liger-kernel") from None
+    if not s.device.startswith("cuda"):
+        raise Unavailable("Liger-Kernel's LayerNorm needs a CUDA GPU (it does not run in the Triton CPU "
+                          "interpreter)")
+    _, tcfg = configs(sw.Variant(LIGER, {"kernels": "triton"}), model_cfg, s)
+    return build_fastcram(model_cfg, tcfg, s, ops=liger_ops.bundle())
+
+
+def build_fastcram(model_cfg: ModelConfig, tcfg: TrainConfig, s: StepSettings, ops=None) -> Variant:
     from ..train.step import autocast_dtype, build_model, check_attention, make_optimizer, make_step, optimizer_step
 
     try:
-        model = build_model(model_cfg, tcfg, s.device)
+        model = build_model(model_cfg, tcfg, s.device, ops=ops)
         check_attention(tcfg.attention, model_cfg, s.device, autocast_dtype(tcfg, s.device),
                         DataConfig(seq_len=model_cfg.seq_len).masked_per_seq)
         step_fn = make_step(model, tcfg, s.device)
@@ -225,6 +276,8 @@ def build_hf(model_cfg: ModelConfig, s: StepSettings) -> Variant:
 def build_variant(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings) -> Variant:
     if variant.name == HF and not variant.settings:
         return build_hf(model_cfg, s)
+    if variant.name == LIGER and not variant.settings:
+        return build_liger(model_cfg, s)
     return build_fastcram(*configs(variant, model_cfg, s), s)
 
 
@@ -259,9 +312,15 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def _row(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings, env: dict, peak: float | None) -> StepRow:
     row = StepRow(NAMES.get(variant.name, variant.name), "ok", preset=s.preset, micro_batch=s.micro_batch,
-                  seq_len=model_cfg.seq_len, steps=s.steps, repeats=s.repeats, peak_tflops=peak, env=env)
+                  seq_len=model_cfg.seq_len, steps=s.steps, repeats=s.repeats, peak_tflops=peak,
+                  role=role(variant), env=env)
     if variant.name == HF and not variant.settings:
         row.kernels, row.compiled = "-", s.compile
+        return row
+    if variant.name == LIGER and not variant.settings:
+        from .peers import LIGER_STEP_OPS
+
+        row.kernels, row.compiled = "+".join(f"{op}:{b}" for op, b in LIGER_STEP_OPS.items()), s.compile
         return row
     m_cfg, t_cfg = configs(variant, model_cfg, s)
     values = sw.current(m_cfg, t_cfg)
@@ -271,6 +330,14 @@ def _row(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings, env: dict
     row.compiled = t_cfg.compile
     row.values = {k: values[k] for k in SWITCH_COLUMNS}
     return row
+
+
+def role(variant: sw.Variant) -> str:
+    """"peer" for what users would pick instead (torch, hf, liger); "own" for fastcram's variants (run() marks
+    the headline one "fastcram")."""
+    if (variant.name in (HF, LIGER) and not variant.settings) or variant.settings == {"kernels": "torch"}:
+        return "peer"
+    return "own"
 
 
 def measure_variant(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings, env: dict, peak: float | None,
@@ -317,35 +384,65 @@ def _release(device: str) -> None:
 
 
 def run(s: StepSettings, csv_path: str, log: TextIO = sys.stderr) -> list[StepRow]:
-    """Every requested variant, one after another; rows are written to the CSV as each one finishes."""
+    """Every requested variant, one after another; the CSV is rewritten (atomically) as each one finishes, so
+    a run stopped half-way leaves the variants it finished, with the ratios known so far."""
     model_cfg = preset(s.preset).model
     env = {**environment(s.device), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     peak = peak_tflops(env["device"] if s.device.startswith("cuda") else None, s.peak_tflops)
-    variants = parse(s.variants)
+    variants, notes, headline = _resolve(parse(s.variants), model_cfg, s)
     print(f"step benchmark: {s.preset} on {env['device']}, micro-batch {s.micro_batch} x {model_cfg.seq_len} "
           f"tokens, {s.repeats} repeats of {s.steps} steps; {DATA_NOTE}", file=log, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     rows: list[StepRow] = []
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for variant in variants:
-            row = measure_variant(variant, model_cfg, s, env, peak, log)
-            rows.append(row)
-            _speedups(rows)
-            w.writerow(row.csv_dict())
-            f.flush()
-            print(f"{row.variant}: {_summary(row)}", file=log, flush=True)
+    write_csv(csv_path, rows)
+    for variant in variants:
+        row = measure_variant(variant, model_cfg, s, env, peak, log)
+        row.note = notes.get(variant.name, "")
+        row.role = "fastcram" if variant.name == headline else row.role
+        rows.append(row)
+        _speedups(rows)  # a later peer can change the headline row's ratio: the whole file is rewritten
+        write_csv(csv_path, rows)
+        print(f"{row.variant}: {_summary(row)}", file=log, flush=True)
     return rows
 
 
+def write_csv(path: str, rows: list[StepRow]) -> None:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r.csv_dict())
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _resolve(variants: list[sw.Variant], model_cfg: ModelConfig, s: StepSettings) -> tuple[list, dict, str]:
+    """The `fastcram` variant's switches filled in; name -> note; the headline variant's name: `fastcram`, or
+    else the first variant that is kernels=triton alone."""
+    out, notes = [], {}
+    for v in variants:
+        if v.name == FASTCRAM and not v.settings:
+            v, notes[FASTCRAM] = tuned_variant(model_cfg, s)
+        out.append(v)
+    headline = next((v.name for v in out if v.name == FASTCRAM),
+                    next((v.name for v in out if v.settings == {"kernels": "triton"}), ""))
+    return out, notes, headline
+
+
 def _speedups(rows: list[StepRow]) -> None:
-    """Against the plain torch step: kernels=torch with every other switch at its default."""
-    base = next((r.tokens_per_s_mean for r in rows if r.switches == "kernels=torch" and r.tokens_per_s_mean),
-                None)
+    """Against the plain torch step (kernels=torch, every other switch at its default); the headline row's
+    step time as a ratio to the fastest peer's."""
+    base = next((r.tokens_per_s_mean for r in rows if r.switches == "kernels=torch" and r.role != "fastcram"
+                 and r.tokens_per_s_mean), None)
     for r in rows:
         if base and r.tokens_per_s_mean:
             r.speedup_vs_torch = r.tokens_per_s_mean / base
+    best = max((r for r in rows if r.role == "peer" and r.status == "ok" and r.tokens_per_s_mean),
+               key=lambda r: r.tokens_per_s_mean, default=None)
+    for r in rows:
+        if r.role == "fastcram" and best is not None:
+            r.best_peer = best.variant
+            if r.tokens_per_s_mean:
+                r.vs_best_peer = best.tokens_per_s_mean / r.tokens_per_s_mean  # = fastcram's step time / the peer's
 
 
 def _summary(r: StepRow) -> str:
@@ -359,7 +456,7 @@ def _pct(u: float | None) -> str:
 
 
 TABLE_HEADERS = ["variant", "switches", "compiled", "tokens/s mean", "std", "min-max", "step ms", "MFU", "vs torch",
-                 "peak MiB", "params M", "loss", "status"]
+                 "/ best peer", "peak MiB", "params M", "loss", "status"]
 
 
 def table_cells(rows: list[StepRow]) -> list[list[str]]:
@@ -372,6 +469,7 @@ def table_cells(rows: list[StepRow]) -> list[list[str]]:
             f"{r.tokens_per_s_min:,.0f}-{r.tokens_per_s_max:,.0f}" if ok else "",
             f"{r.step_ms_mean:.2f}" if ok else "", _pct(r.mfu_mean) if ok else "",
             f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "",
+            f"{r.vs_best_peer:.2f} ({r.best_peer})" if r.vs_best_peer is not None else "",
             f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib else "", f"{r.params_m:.1f}" if r.params_m else "",
             f"{r.final_loss:.3f}" if r.final_loss is not None else "", r.status])
     return cells

@@ -482,6 +482,18 @@ def _set_choice(model_cfg: ModelConfig, tcfg: TrainConfig, choice: dict, auto: s
         tcfg.compile_mode = chosen.compile_mode
 
 
+def cached_choice(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, mask_prob: float, world_size: int = 1,
+                  cache_root: str | None = None) -> tuple[dict | None, str]:
+    """(the choice a finished tuning cached for exactly this request, or None; the cache file it would be in).
+
+    tcfg holds the request as a run makes it (its auto switches still "auto"): what the step benchmark's
+    `fastcram` variant looks up to time fastcram as a run on this machine would start."""
+    key = tune_cache.result_key(device, model_cfg, tcfg.micro_batch, world_size, _requested(model_cfg, tcfg),
+                                mask_prob)
+    cached = tune_cache.load_result(key, cache_root)
+    return (cached["choice"] if cached else None), tune_cache.result_path(key, cache_root)
+
+
 def resumed() -> Tuning:
     """A resumed run keeps the switches and micro-batch its saved configuration records."""
     return Tuning({**{key: "resumed" for key in sw.SWITCHES}, "micro_batch": "resumed"}, {})

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..errors import UserError
 from ..model import CrammedBert
-from ..ops import OP_MODULES, OpsError, get_ops, triton_unavailable_reason
+from ..ops import OP_MODULES, Ops, OpsError, get_ops, triton_unavailable_reason
 from .switches import COMPILE_MODES
 
 RESIDUAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: the stream keeps the norm's fp32
@@ -34,9 +34,13 @@ def autocast_dtype(tcfg: TrainConfig, device: str) -> torch.dtype | None:
     return None
 
 
-def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, per_op: dict | None = None) -> CrammedBert:
+def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, per_op: dict | None = None,
+                ops: Ops | None = None) -> CrammedBert:
     """The model on its ops bundle: tcfg.kernels for every op, then tcfg.per_op (or the per_op argument)
-    op by op, then the norm-ops override (--norm-kernels); the residual stream in tcfg.residual_dtype."""
+    op by op, then the norm-ops override (--norm-kernels); or `ops`, a ready bundle (the step benchmark's peer
+    kernels), in place of all that. The residual stream in tcfg.residual_dtype."""
+    if ops is not None:
+        return CrammedBert(model_cfg, ops, residual_dtype=_residual_dtype(tcfg, device)).to(device)
     per_op = per_op if per_op is not None else tcfg.per_op
     if tcfg.norm_kernels or per_op:
         base = {op: ("torch" if tcfg.kernels == "auto" else tcfg.kernels) for op in OP_MODULES}
@@ -52,13 +56,17 @@ def build_model(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, per_op: 
     except OpsError as e:
         flag = f"--norm-kernels {tcfg.norm_kernels}" if tcfg.norm_kernels else f"--kernels {tcfg.kernels}"
         raise UserError(f"{flag}: {e}") from None
+    return CrammedBert(model_cfg, ops, residual_dtype=_residual_dtype(tcfg, device)).to(device)
+
+
+def _residual_dtype(tcfg: TrainConfig, device: str) -> torch.dtype | None:
     if tcfg.residual_dtype not in RESIDUAL_DTYPES:
         raise UserError(f"--residual-dtype {tcfg.residual_dtype}: choose one of {', '.join(RESIDUAL_DTYPES)}")
     residual = RESIDUAL_DTYPES[tcfg.residual_dtype]
     if residual is not None and autocast_dtype(tcfg, device) != residual:
         raise UserError(f"--residual-dtype {tcfg.residual_dtype} needs bf16 autocast (the default on a GPU; "
                         f"pass --autocast bf16 on a CPU), else an fp32 branch output promotes the sum back to fp32")
-    return CrammedBert(model_cfg, ops, residual_dtype=residual).to(device)
+    return residual
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: str) -> torch.optim.AdamW:
