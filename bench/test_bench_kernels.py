@@ -1,6 +1,7 @@
 """Every case of fastcram/benchmarks/cases_*.py through pytest-benchmark (quick shapes).
 
-Same discovery and the same skip rules as `fastcram bench kernels`: GPU-only providers (triton, cuda, apex)
+Same discovery and the same skip rules as `fastcram bench kernels`: GPU-only providers (triton, cuda, apex,
+liger, quack; tests/test_peers.py checks the peers on the CPU where they run there)
 are skipped on the CPU, torch.compile is skipped on the CPU unless FASTCRAM_BENCH_COMPILE=1, and on the CPU
 a case whose roofline estimate exceeds CPU_CALL_LIMIT_S a call is skipped, so the folder runs in seconds.
 """

@@ -33,8 +33,9 @@ def _add_train(sub) -> None:
                                                             "tiny without)")
     p.add_argument("--data", help="a folder made by `fastcram data prepare` (default: the built-in corpus)")
     p.add_argument("--out", help="run folder (default runs/<time>-<preset>)")
-    p.add_argument("--kernels", choices=["torch", "triton", "auto"], default="torch",
-                   help="ops backend; auto times both per op on the run's shapes at start-up")
+    p.add_argument("--kernels", choices=["torch", "triton", "auto"],
+                   help="ops backend; auto: chosen op by op by timing whole training steps at start-up (default "
+                        "auto on a GPU, torch on a CPU)")
     p.add_argument("--norm-kernels", choices=["torch", "triton", "cuda"],
                    help="backend of the two LayerNorm ops only; cuda = the native kernels built with CMake")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -42,6 +43,19 @@ def _add_train(sub) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="run eagerly (default on CPU)")
     p.add_argument("--micro-batch", type=_micro_batch, help="sequences per forward/backward, or auto "
                                                              "(searched at start-up, charged to the budget)")
+    p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "auto"],
+                   help="torch.compile mode; reduce-overhead captures CUDA graphs (default auto on a GPU)")
+    p.add_argument("--attention", choices=["default", "flash", "cudnn", "efficient", "math", "auto"],
+                   help="scaled-dot-product attention backend; default: PyTorch's own choice (default auto on a "
+                        "GPU, default on a CPU)")
+    p.add_argument("--residual-dtype", choices=["fp32", "bf16"],
+                   help="dtype of the residual stream under bf16 autocast (default fp32)")
+    p.add_argument("--autocast", choices=["auto", "bf16", "off"],
+                   help="mixed precision: auto = bf16 on a GPU, off on a CPU (default auto)")
+    p.add_argument("--sparse-last-layer", choices=["on", "off"],
+                   help="run the last block only at the predicted rows (exact; default on)")
+    p.add_argument("--retune", action="store_true",
+                   help="ignore the tuning cache: measure the auto switches again")
     p.add_argument("--final-batch", type=_positive_int("--final-batch"),
                    help="sequences per optimizer step at the end of the batch ramp (recipe: 8192)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run with the budget it has already spent")
@@ -124,9 +138,10 @@ def cmd_train(args) -> int:
     tcfg = dataclasses.replace(TrainConfig(), **preset(name).train_overrides)
     hours = args.hours if args.hours is not None else (args.minutes / 60 if args.minutes is not None else 24.0)
     tcfg.budget_s = hours * 3600.0
-    tcfg.kernels, tcfg.device, tcfg.seed = args.kernels, args.device, args.seed
+    tcfg.device, tcfg.seed = args.device, args.seed
     tcfg.norm_kernels = args.norm_kernels
     tcfg.compile = gpu if args.compile is None else args.compile
+    model_overrides, given = _step_switches(args, tcfg, gpu)
     if args.micro_batch == "auto":
         tcfg.micro_batch_auto, args.micro_batch = True, None
     if args.profile_steps:
@@ -148,7 +163,9 @@ def cmd_train(args) -> int:
     opts = RunOptions(train=tcfg, preset=name, data_dir=args.data, out_dir=args.out, resume=args.resume,
                       trust_checkpoint=args.trust_checkpoint,
                       budget_given=args.hours is not None or args.minutes is not None,
-                      progress=not args.quiet, peak_tflops=args.peak_tflops, lr_given=args.lr is not None)
+                      progress=not args.quiet, peak_tflops=args.peak_tflops, lr_given=args.lr is not None,
+                      flags_given=given + (("micro_batch",) if args.micro_batch else ()),
+                      model_overrides=model_overrides)
     return train(opts)["exit_code"]
 
 
@@ -167,6 +184,32 @@ def _ignored_on_resume(args) -> list[str]:
         flag = "--" + dest.replace("_", "-")
         out.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}")
     return out
+
+
+def _step_switches(args, tcfg: TrainConfig, gpu: bool) -> tuple[dict, tuple]:
+    """The step-level switches from their flags; on a GPU the tunable ones default to auto (the fastest
+    measured), on a CPU they stay as they were. Returns (ModelConfig overrides, the switches given)."""
+    given = []
+    for flag, field, gpu_default in (("kernels", "kernels", "auto"), ("attention", "attention", "auto"),
+                                     ("compile_mode", "compile_mode", "auto" if tcfg.compile else "default"),
+                                     ("residual_dtype", "residual_dtype", None), ("autocast", "autocast", None)):
+        value = getattr(args, flag)
+        if value is not None:
+            given.append({"residual_dtype": "residual"}.get(flag, flag))
+        elif gpu and gpu_default:
+            value = gpu_default
+        if value is not None:
+            setattr(tcfg, field, value)
+    if args.compile_mode not in (None, "default") and not tcfg.compile:
+        raise UserError(f"--compile-mode {args.compile_mode} needs --compile (the model runs eagerly here)")
+    tcfg.retune = args.retune
+    if args.compile is not None:
+        given.append("compile")
+    model_overrides = {}
+    if args.sparse_last_layer is not None:
+        given.append("sparse")
+        model_overrides["sparse_last_layer"] = args.sparse_last_layer == "on"
+    return model_overrides, tuple(given)
 
 
 def _add_tokenizer(sub) -> None:

@@ -23,6 +23,9 @@ class ModelConfig:
     norm_eps: float = 1e-12
     init_std: float = 0.02
     dropout: float = 0.0  # off in pretraining, 0.1 for fine-tuning
+    # The last block computes queries, attention output, out-projection, FFN and final norm only at the
+    # predicted rows (keys and values still cover every position): exact, and fewer FLOPs.
+    sparse_last_layer: bool = True
 
     def __post_init__(self):
         if self.hidden % self.heads:
@@ -65,9 +68,17 @@ class TrainConfig:
     eps: float = 1e-12
     weight_decay: float = 0.01
     grad_clip: float = 0.5
-    kernels: str = "torch"  # ops backend: "torch" | "triton" | "auto" (timed per op at start-up)
+    kernels: str = "torch"  # ops backend: "torch" | "triton" | "auto" (chosen by timing whole steps)
+    per_op: dict | None = None  # op -> backend, overriding `kernels` op by op (what --kernels auto chose)
     norm_kernels: str | None = None  # override for layer_norm/add_layer_norm: "torch" | "triton" | "cuda"
     compile: bool = True
+    compile_mode: str = "default"  # torch.compile mode: "default" | "max-autotune-no-cudagraphs" |
+    # "reduce-overhead" (CUDA graphs) | "auto" (chosen by timing whole steps)
+    attention: str = "default"  # SDPA backend: "default" (PyTorch's own choice) | "flash" | "cudnn" |
+    # "efficient" | "math" | "auto" (chosen by timing whole steps)
+    residual_dtype: str = "fp32"  # dtype of the residual stream under autocast: "fp32" | "bf16"
+    autocast: str = "auto"  # mixed precision: "auto" (bf16 on a GPU, off on a CPU) | "bf16" | "off"
+    retune: bool = False  # ignore the tuning cache and measure again
     seed: int = 0
     log_interval_s: float = 10.0  # host syncs only at these intervals
     checkpoint_interval_s: float = 600.0
@@ -134,6 +145,8 @@ class RunOptions:
     data: DataConfig = field(default_factory=DataConfig)
     progress: bool = True
     peak_tflops: float | None = None
+    flags_given: tuple = ()  # names of the step switches set on the command line (for "how chosen")
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields set on the command line
 
 
 # ---------------------------------------------------------------- flag values

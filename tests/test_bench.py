@@ -164,7 +164,13 @@ def test_cli_kernels_writes_csv_and_table(tmp_path, monkeypatch, capsys, fake_mo
 
 @pytest.mark.parametrize("argv,needle", [
     (["bench", "kernels", "--ops", "layer_norm,nope"], "--ops nope: unknown op"),
-    (["bench", "step", "--backends", "jax"], "--backends jax: unknown"),
+    (["bench", "step", "--variants", "jax"], "--variants: 'jax' in 'jax' is not KEY=VALUE"),
+    (["bench", "step", "--variants", "kernels=torch,kernels=triton+residual=bf17"],
+     "--variants: residual=bf17 is not a value of residual; choose one of fp32, bf16"),
+    (["bench", "step", "--variants", "kernels=torch+warp=9"], "--variants: unknown switch 'warp'"),
+    (["bench", "step", "--variants", "kernels.nope=triton"], "--variants: unknown op 'nope'"),
+    (["bench", "step", "--variants", "kernels=auto"], "--variants: kernels=auto is not a value of kernels"),
+    (["bench", "step", "--variants", "kernels=torch", "kernels=torch"], "--variants: variant 'kernels=torch' is given"),
     (["bench", "step", "--preset", "huge-bert", "--device", "cpu"], "--preset huge-bert: unknown"),
     (["bench", "plot", "/nonexistent/x.csv"], "/nonexistent/x.csv: no such CSV file"),
 ])
@@ -187,7 +193,7 @@ def test_step_tiny_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fastcram.train.step, "triton_unavailable_reason", lambda device: "no GPU in this test")
     s = step.StepSettings(preset="tiny", device="cpu", micro_batch=2, steps=1, warmup=1, repeats=3,
-                          compile=False, backends=("triton", "torch", "hf"))
+                          compile=False, variants=("triton", "torch", "hf"))
     path = tmp_path / "step.csv"
     rows = step.run(s, str(path), log=open(os.devnull, "w"))
     tri, tor, hf = rows
@@ -207,6 +213,50 @@ def test_step_tiny_on_cpu(tmp_path, monkeypatch):
     written = read_csv(path)
     assert [r["variant"] for r in written] == ["fastcram triton", "fastcram torch", "hf bert"]
     assert written[1]["mfu_mean"] == "" and "synthetic" in written[1]["data"]
+
+
+def test_step_variants_side_by_side(tmp_path):
+    """Any combination of switches in one run: each row carries its switch values; an SDPA backend the CPU
+    lacks is reported, not fatal; the sparse last layer's FLOPs are counted per variant."""
+    s = step.StepSettings(preset="tiny", device="cpu", micro_batch=2, steps=1, warmup=1, repeats=2, compile=False,
+                          variants=("kernels=torch", "full:kernels=torch+sparse=off+attention=math",
+                                    "kernels=torch+attention=efficient",
+                                    "kernels=torch+autocast=bf16+residual=bf16"))
+    path = tmp_path / "step.csv"
+    rows = step.run(s, str(path), log=open(os.devnull, "w"))
+    written = {r["variant"]: r for r in read_csv(path)}
+    assert list(written) == ["kernels=torch", "full", "kernels=torch+attention=efficient",
+                             "kernels=torch+autocast=bf16+residual=bf16"]
+    full = written["full"]
+    assert (full["status"], full["switches"], full["sparse"], full["attention"], full["residual"]) == (
+        "ok", "kernels=torch+sparse=off+attention=math", "off", "math", "fp32")
+    assert written["kernels=torch"]["sparse"] == "on" and written["kernels=torch"]["attention"] == "default"
+    assert float(full["flops_per_token"]) > float(written["kernels=torch"]["flops_per_token"])
+    assert written["kernels=torch+attention=efficient"]["status"].startswith("unavailable: --attention efficient")
+    bf16 = written["kernels=torch+autocast=bf16+residual=bf16"]
+    assert (bf16["status"], bf16["autocast"], bf16["residual"]) == ("ok", "bf16", "bf16")
+    assert rows[0].speedup_vs_torch == pytest.approx(1.0) and rows[1].speedup_vs_torch > 0
+
+
+def test_variant_grammar():
+    from fastcram.train import switches as sw
+
+    vs = sw.parse_variants(["kernels=torch,kernels=triton+residual=bf16", "mine:kernels=triton+kernels.mlm_loss=torch",
+                            "triton"])
+    assert [(v.name, v.settings) for v in vs] == [
+        ("kernels=torch", {"kernels": "torch"}),
+        ("kernels=triton+residual=bf16", {"kernels": "triton", "residual": "bf16"}),
+        ("mine", {"kernels": "triton", "kernels.mlm_loss": "torch"}),
+        ("triton", {"kernels": "triton"})]
+    from fastcram.config import TrainConfig, preset
+
+    m, t = sw.apply(vs[2].settings, preset("tiny").model, TrainConfig())
+    assert t.kernels == "triton" and t.per_op == {"mlm_loss": "torch"}
+    m, t = sw.apply({"sparse": "off", "compile": "off", "compile_mode": "reduce-overhead"}, preset("tiny").model,
+                    TrainConfig())
+    assert not m.sparse_last_layer and not t.compile and t.compile_mode == "reduce-overhead"
+    assert preset("tiny").model.sparse_last_layer  # the preset itself is untouched
+    assert sw.current(m, t)["sparse"] == "off" and sw.label({"a": "1", "b": "2"}) == "a=1+b=2"
 
 
 def test_step_flops_and_mfu():
@@ -273,26 +323,80 @@ def test_gpu_report_marks_failures_and_timeouts(tmp_path, fake_module):
     assert "unavailable: needs a CUDA GPU" in md and "copy 5.0 GB/s" in md
 
 
-def _gpu_check(tmp_path, *args):
-    env = {**os.environ, "OUT": str(tmp_path / "gc_out"), "PYTHON": sys.executable}
+def test_gpu_report_names_kernels_the_driver_disagrees_on(tmp_path):
+    """compile.csv from `bench compile --check-driver`: a row whose registers or spills differ from the
+    driver's is named in the report; agreeing rows are counted."""
+    from fastcram.benchmarks import compile_report as cr
+    from fastcram.benchmarks import gpu_report
+
+    base = {"op": "ffn", "kernel": "_k", "arch": "90a", "config": "BLOCK_M=64", "dtypes": "bf16", "status": "ok",
+            "regs": 128, "local_bytes": 0, "spill_stores": 0, "driver_regs": 128, "driver_spills": 0}
+    rows = [base, {**base, "config": "BLOCK_M=128", "regs": 200, "driver_regs": 208},
+            {**base, "config": "BLOCK_M=256", "local_bytes": 16, "driver_spills": 4}]
+    cr.write_csv(rows, str(tmp_path / "compile.csv"))
+    md, summary = gpu_report.compile_section(read_csv(tmp_path / "compile.csv"))
+    assert summary.startswith("3 kernels checked against the driver, 1 disagree")
+    assert "BLOCK_M=128" in md and "BLOCK_M=256" not in md.split("Disagreeing rows:")[1]
+
+
+def _gpu_check(tmp_path, *args, **extra_env):
+    env = {**os.environ, "OUT": str(tmp_path / "gc_out"), "PYTHON": sys.executable, **extra_env}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run(["bash", os.path.join(REPO, "tools", "gpu_check.sh"), *args], capture_output=True,
                           text=True, env=env, cwd=str(tmp_path), timeout=900)
 
 
+def _pure_python_wheel(folder, name: str, version: str) -> str:
+    """A minimal py3-none-any wheel (one module), as tools/fetch_wheels.sh would leave in the wheel folder."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": f"__version__ = '{version}'\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record + [f"{name}-{version}.dist-info/RECORD,,"]) + "\n"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in files.items():
+            z.writestr(member, text)
+    return path.name
+
+
 def test_gpu_check_dry_run_writes_the_report(tmp_path):
-    res = _gpu_check(tmp_path, "--dry-run")
+    """The dry run: every stage in its CPU form, the peers' rows (each unavailable with its reason here, or
+    checked where it runs on the CPU), the wheels of the wheel folder installed and named in the report."""
+    wheel = _pure_python_wheel(tmp_path / "wheels", "fastcram_peer_probe", "0.3")
+    res = _gpu_check(tmp_path, "--dry-run", GPU_CHECK_WHEELS=str(tmp_path / "wheels"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "gc_out"
     files = sorted(os.listdir(out))
     assert {"report.md", "kernels.csv", "step.csv", "stages.log"} <= set(files) and len(files) <= 8
     report = (out / "report.md").read_text()
     assert "DRY RUN" in report
-    for stage in ("data-prep", "native-build", "gpu-tests", "bench-kernels", "bench-step", "train"):
+    for stage in ("data-prep", "native-build", "gpu-tests", "bench-kernels", "bench-step", "compile-check", "train"):
         assert f"| {stage} |" in report
+    compiled = read_csv(out / "compile.csv")  # the compile report's CPU form: one op for sm_90a
+    assert compiled and {r["arch"] for r in compiled} == {"90a"} and all(r["status"] == "ok" for r in compiled)
     assert "| FAILED" not in report and "TIMED OUT" not in report
     assert "tests collected" in report  # pytest -m gpu collected the GPU tests
-    assert read_csv(out / "kernels.csv") and read_csv(out / "step.csv")[1]["status"] == "ok"
+    assert read_csv(out / "kernels.csv")
+    steps = {r["variant"]: r["status"] for r in read_csv(out / "step.csv")}  # the main variants' CPU forms
+    assert [steps[v] for v in ("fastcram", "fastcram torch", "kernels=torch+autocast=bf16+residual=bf16",
+                               "kernels=torch+attention=math")] == ["ok"] * 4 and len(steps) == 7
+    assert steps["fastcram+liger"].startswith("unavailable: ") and steps["hf bert"] in (
+        "ok", "unavailable: transformers is not installed (pip install transformers)")
+    peer_rows = [r for r in read_csv(out / "kernels.csv") if r["role"] == "peer" and r["provider"] not in (
+        "torch", "torch.compile", "torch.compile-max-autotune", "cublas+compiled-epilogue", "linear_cross_entropy")]
+    assert {r["provider"] for r in peer_rows} == {"apex", "liger", "quack", "liger(gelu=tanh)", "apex(gelu=tanh)"}
+    assert all(r["status"].startswith("unavailable: ") and r["time_ms"] == "" for r in peer_rows)
+    assert "## fastcram against its peers" in report and "| step | fastcram variant |" in report
+    assert f"wheels used: {wheel} (from {tmp_path / 'wheels'}, first on the path)" in report
+    assert "liger_kernel: " in report and "quack: " in report  # each peer's version, or that it is missing
     tail = res.stdout.strip().splitlines()
     assert any("gpu_check summary (dry run)" in ln for ln in tail[-12:])  # the summary comes last
 

@@ -32,7 +32,8 @@ def _worker(rank, world, port, data, out, resume, kw, ticks, result_dir):
     torch.set_num_threads(1)
     s = train(_opts(data, out, resume, **kw), now=FakeClock(ticks[rank]))
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"steps": s.get("steps", s.get("step")), "world": s.get("world_size")}, f)
+        json.dump({"steps": s.get("steps", s.get("step")), "world": s.get("world_size"),
+                   "switches": s.get("switches")}, f)
 
 def _run2(tmp_path, data, out, resume=None, ticks=(0.0, 0.0), **kw):
     res = tmp_path / f"res-{os.path.basename(out)}-{resume is not None}"
@@ -83,3 +84,17 @@ def test_two_process_run_resumes(small_data, tmp_path):
     assert [r["steps"] for r in second] == [4, 4]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["world_size"] for r in log if r.get("event") == "resume"] == [2]
+
+
+def test_auto_switches_are_tuned_alike_on_every_rank(small_data, tmp_path, monkeypatch):
+    """Each rank times the candidates on its own device and all take rank 0's measurements: one choice."""
+    monkeypatch.setenv("FASTCRAM_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "tuned")
+    ranks = _run2(tmp_path, small_data, out, max_steps=1, attention="auto")
+    assert [r["steps"] for r in ranks] == [1, 1]
+    assert ranks[0]["switches"] == ranks[1]["switches"] and ranks[0]["switches"]["attention"] != "auto"
+    head = json.loads(open(os.path.join(out, "log.jsonl")).readline())
+    assert head["switches"]["attention"]["how"] == "measured"
+    assert [r["what"] for r in head["autotune"]["step"]["candidates"]] == ["baseline", "attention=flash",
+                                                                           "attention=math"]
+    assert head["autotune"]["step"]["cache_file"].startswith(str(tmp_path / "cache"))

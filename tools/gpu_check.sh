@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
 # fastcram's one-shot GPU check: run it from a checkout on any CUDA machine (a lent one, or yours).
 #
-#   bash tools/gpu_check.sh            # about 8 minutes: GPU tests, kernel and step benchmarks, a 2-minute train
+#   bash tools/gpu_check.sh            # about 8 minutes: GPU tests, kernel benchmarks (with the peers: Liger-Kernel,
+#                                      # QuACK where installed, apex where built), the step benchmark's main variants
+#                                      # (fastcram as tuned, cramming's torch way, HF, Liger; then residual dtype,
+#                                      # CUDA graphs, attention), a 2-minute train
 #   bash tools/gpu_check.sh --dry-run  # no GPU needed: runs every stage's command in its CPU/--help form and
 #                                      # writes the report skeleton, so the script itself is tested anywhere
 #
-# Writes into $OUT when set, else ./gpu_check_out: report.md, kernels.csv, step.csv, train_log.jsonl,
-# telemetry.jsonl (when training wrote one), nvidia_smi.csv and stages.log (every stage's full output):
-# at most 8 files, so a lent machine hands them all back. The short summary table is printed last.
+# Writes into $OUT when set, else ./gpu_check_out: report.md, kernels.csv, step.csv, compile.csv,
+# train_log.jsonl, telemetry.jsonl (when training wrote one), nvidia_smi.csv and stages.log (every stage's full
+# output): 8 files at most, so a lent machine hands them all back. The short summary table is printed last.
 #
 # Stages run on a fixed schedule: each must end by its deadline (time a stage leaves unused passes to the
 # next), so the whole check ends in about 8 minutes. A failing or timed-out stage does not stop the later
 # ones; its exit code and the tail of its output go into the report. While the GPU tests run, the built-in
-# corpus is prepared (CPU) and the native CUDA kernels are built when cmake and nvcc exist (background).
+# corpus is prepared (CPU) and the native CUDA kernels are built when cmake and nvcc exist (background); while
+# the training stage runs, `fastcram bench compile --check-driver` compiles every Triton kernel for this GPU's
+# architecture as the CPU report does and loads each into the driver, whose registers and spills must agree.
 #
 # Nothing is installed: the checkout is used through PYTHONPATH with $PYTHON (default python3), which needs
 # torch, triton, numpy, tokenizers and pytest (pytest-benchmark, rich, transformers, nvidia-ml-py are used
 # when present). Wheels of missing pure-Python packages in $GPU_CHECK_WHEELS (default ./.whl) are unpacked
-# into a scratch folder and put on the path first.
-# Seconds per stage, to override: GPU_CHECK_T_TESTS=80 GPU_CHECK_T_KERNELS=140 GPU_CHECK_T_STEP=110
-# GPU_CHECK_T_TRAIN=135; GPU_CHECK_TRAIN_MINUTES=2 (the training budget). With 10 s of set-up: 475 s.
+# into a scratch folder and put on the path first: `bash tools/fetch_wheels.sh` fills it with the peers'
+# (Liger-Kernel); the report's environment block names the wheels used and every peer's version.
+# Seconds per stage, to override: GPU_CHECK_T_TESTS=60 GPU_CHECK_T_KERNELS=120 GPU_CHECK_T_STEP=170
+# GPU_CHECK_T_TRAIN=135; GPU_CHECK_TRAIN_MINUTES=2 (the training budget). With 10 s of set-up: 495 s.
+# The step variants run in order of importance (each compiles its own graph; rows are written as each
+# finishes); GPU_CHECK_STEP_VARIANTS overrides them. Compile caches go to the cache folder ($FASTCRAM_CACHE),
+# so a second check compiles faster.
 set -u
 
 DRY=0
@@ -34,17 +43,19 @@ done
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
-T_TESTS=${GPU_CHECK_T_TESTS:-80}
-T_KERNELS=${GPU_CHECK_T_KERNELS:-140}
-T_STEP=${GPU_CHECK_T_STEP:-110}
+T_TESTS=${GPU_CHECK_T_TESTS:-60}
+T_KERNELS=${GPU_CHECK_T_KERNELS:-120}
+T_STEP=${GPU_CHECK_T_STEP:-170}
+# fastcram against its peers first (cramming's torch way, HF, Liger), then fastcram's own switches
+STEP_VARIANTS=${GPU_CHECK_STEP_VARIANTS:-"fastcram torch hf liger kernels=triton+residual=bf16 kernels=triton+compile_mode=reduce-overhead kernels=triton+attention=cudnn"}
 T_TRAIN=${GPU_CHECK_T_TRAIN:-135}
 TRAIN_MINUTES=${GPU_CHECK_TRAIN_MINUTES:-2}
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 
 mkdir -p "$OUT_DIR" || { echo "gpu_check.sh: cannot create the output folder $OUT_DIR" >&2; exit 2; }
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-rm -f "$OUT_DIR"/report.md "$OUT_DIR"/kernels.csv "$OUT_DIR"/step.csv "$OUT_DIR"/train_log.jsonl \
-      "$OUT_DIR"/telemetry.jsonl "$OUT_DIR"/nvidia_smi.csv "$OUT_DIR"/stages.log
+rm -f "$OUT_DIR"/report.md "$OUT_DIR"/kernels.csv "$OUT_DIR"/step.csv "$OUT_DIR"/compile.csv \
+      "$OUT_DIR"/train_log.jsonl "$OUT_DIR"/telemetry.jsonl "$OUT_DIR"/nvidia_smi.csv "$OUT_DIR"/stages.log
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 : > "$WORK/stages.tsv"
 
@@ -77,15 +88,22 @@ if [ "$DRY" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_
        "use --dry-run to validate the commands without one" >&2
   exit 2
 fi
+WHEELS_USED="none (no .whl files in $WHEELS; bash tools/fetch_wheels.sh fetches the peers')"
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  say "installing the wheels in $WHEELS into a scratch folder"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
-    "$WHEELS"/*.whl && export PYTHONPATH="$WORK/site:$PYTHONPATH"
+  say "installing the wheels in $WHEELS into a scratch folder: $(cd "$WHEELS" && ls ./*.whl | sed 's|^\./||' | tr '\n' ' ')"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
+    "$WHEELS"/*.whl; then
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+    WHEELS_USED="$(cd "$WHEELS" && ls ./*.whl | sed 's|^\./||' | tr '\n' ' ')(from $WHEELS, first on the path)"
+  else
+    WHEELS_USED="FAILED to install the wheels in $WHEELS (see above); the peers that need them show as unavailable"
+  fi
 fi
 
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')   mode: $([ "$DRY" = 1 ] && echo dry-run || echo full)"
   echo "host: $(uname -srm), $(nproc 2>/dev/null || echo '?') CPU cores"
+  echo "wheels used: $WHEELS_USED"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv 2>&1
   else
@@ -97,10 +115,17 @@ import torch
 from fastcram.observe.env_info import environment
 print("python", sys.version.split()[0], sys.executable)
 print(json.dumps(environment("cuda" if torch.cuda.is_available() else "cpu")))
-for name in ("triton", "transformers", "rich", "pytest_benchmark", "pynvml", "apex", "tokenizers"):
+from importlib import metadata
+for name, dist in (("triton", "triton"), ("transformers", "transformers"), ("rich", "rich"),
+                   ("pytest_benchmark", "pytest-benchmark"), ("pynvml", "nvidia-ml-py"), ("tokenizers", "tokenizers"),
+                   ("liger_kernel", "liger-kernel"), ("quack", "quack-kernels"), ("apex", "apex")):
     try:
         mod = importlib.import_module(name)
-        print(f"{name}: {getattr(mod, '__version__', 'present')}")
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = getattr(mod, "__version__", "present")
+        print(f"{name}: {version} ({getattr(mod, '__file__', '?')})")
     except Exception as e:
         print(f"{name}: not importable ({type(e).__name__})")
 EOF
@@ -162,9 +187,14 @@ if [ "$DRY" = 1 ]; then
   stage bench-kernels "$T_KERNELS" "dry run: CPU, only cases predicted under 10 ms a call" \
     "${FASTCRAM[@]}" bench kernels --quick --device cpu --cpu-call-limit 0.01 --plain \
     --skip-providers torch.compile-max-autotune --csv "$OUT_DIR/kernels.csv"
-  stage bench-step "$T_STEP" "dry run: tiny preset on the CPU" \
+  # the GPU variants with what a CPU lacks swapped for CPU values: eager, math attention, bf16 autocast
+  stage bench-step "$T_STEP" "dry run: tiny preset on the CPU, eager" \
     "${FASTCRAM[@]}" bench step --device cpu --preset tiny --micro-batch 2 --steps 1 --warmup 1 --repeats 3 \
-    --plain --csv "$OUT_DIR/step.csv"
+    --plain --csv "$OUT_DIR/step.csv" --variants fastcram torch hf liger triton \
+    kernels=torch+autocast=bf16+residual=bf16 kernels=torch+attention=math
+  run_stage compile-check 300 "dry run: one op's kernels compiled for sm_90a on the CPU, no driver" quiet \
+    "${FASTCRAM[@]}" bench compile --arch 90a --ops mlm_loss --micro-batches 32 --native-lib "" --plain \
+    --csv "$OUT_DIR/compile.csv"
   stage train "$T_TRAIN" "dry run: --help only" "${FASTCRAM[@]}" train --help
 else
   # GPU telemetry for the whole check, whatever fastcram itself records.
@@ -208,9 +238,23 @@ else
   stage bench-kernels "$T_KERNELS" "rows are written as each case finishes" \
     "${FASTCRAM[@]}" bench kernels --quick --plain --skip-providers torch.compile-max-autotune \
     --csv "$OUT_DIR/kernels.csv"
-  stage bench-step "$T_STEP" "synthetic data; triton, torch, then HF" \
-    "${FASTCRAM[@]}" bench step --steps 15 --warmup 2 --plain --csv "$OUT_DIR/step.csv"
+  # shellcheck disable=SC2086  # the variants are words
+  stage bench-step "$T_STEP" "synthetic data; main variants in order, each compiled" \
+    "${FASTCRAM[@]}" bench step --steps 10 --warmup 3 --plain --csv "$OUT_DIR/step.csv" --variants $STEP_VARIANTS
   wait "$DATA_PID"
+  # CPU work beside the training stage (not beside the timed benchmarks): the compile report for this GPU's
+  # architecture, every kernel then loaded into the driver, whose registers and spills must equal the report's
+  COMPILE_ARCH=$("$PY" -c "import torch; print({(9, 0): '90a', (8, 0): '80'}.get(torch.cuda.get_device_capability(), ''))" 2>/dev/null)
+  COMPILE_PID=
+  if [ -n "$COMPILE_ARCH" ]; then
+    run_stage compile-check "$T_TRAIN" "bench compile --check-driver, sm_$COMPILE_ARCH, beside the training run" \
+      quiet "${FASTCRAM[@]}" bench compile --arch "$COMPILE_ARCH" --micro-batches 256 --check-driver \
+      --native-lib "" --plain --csv "$OUT_DIR/compile.csv" &
+    COMPILE_PID=$!
+    BG_PIDS+=($COMPILE_PID)
+  else
+    skip_stage compile-check "no compile report for this GPU's architecture (only sm_90a and sm_80 are known)"
+  fi
   TRAIN_FLAGS=()
   if "${FASTCRAM[@]}" train --help 2>/dev/null | grep -qE -- '--telemetry([^-]|$)'; then TRAIN_FLAGS+=(--telemetry); fi
   stage train "$T_TRAIN" "crammed-bert, triton kernels, ${TRAIN_MINUTES}-minute budget" \
@@ -218,6 +262,7 @@ else
     --log-interval 10 --checkpoint-interval 100000 --out "$WORK/train-run" ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
   [ -f "$WORK/train-run/log.jsonl" ] && cp "$WORK/train-run/log.jsonl" "$OUT_DIR/train_log.jsonl"
   [ -f "$WORK/train-run/telemetry.jsonl" ] && cp "$WORK/train-run/telemetry.jsonl" "$OUT_DIR/telemetry.jsonl"
+  [ -n "$COMPILE_PID" ] && wait "$COMPILE_PID"
 fi
 
 for pid in ${BG_PIDS[@]+"${BG_PIDS[@]}"}; do kill "$pid" 2>/dev/null; done

@@ -16,6 +16,11 @@ class Unavailable(Exception):
     """Raised by a provider's setup when it cannot run here; the message is the reason shown in the table."""
 
 
+class Disagrees(Exception):
+    """Raised by a peer's setup when its output differs from the reference on the same inputs: the row says
+    so and the peer is never timed (a fast wrong answer is not a win)."""
+
+
 @dataclass
 class Case:
     op: str  # layer_norm | add_layer_norm | ffn | mlm_loss
@@ -28,6 +33,8 @@ class Case:
     # provider name ("triton", "torch", "torch.compile", "torch.compile-max-autotune", "cuda", "apex", ...)
     # -> setup() that builds fresh inputs (several sets, rotated so they do not sit in L2) and returns a
     #    zero-argument function to time; setup raises Unavailable(reason) when the provider cannot run.
+    #    A peer's setup checks its output against the reference first (fastcram/benchmarks/peer_check.py):
+    #    it raises Disagrees(why) on a mismatch, else the function it returns carries the verdict as `.check`.
     providers: dict[str, Callable[[], Callable[[], object]]] = field(default_factory=dict)
 
 

@@ -26,6 +26,11 @@ Providers:
                             GEMMs on cuBLAS with inductor's pointwise kernels forward and backward
   torch.compile             torch.compile of the reference
   torch.compile-max-autotune  torch.compile(mode="max-autotune") of the reference
+  liger(gelu=tanh)          peer, GLU only: cuBLAS GEMMs for the a and gate halves, Liger-Kernel's GEGLU kernel,
+                            the cuBLAS down projection (peers.py)
+  apex(gelu=tanh)           peer, classic FFN only: apex's fused dense + GELU + dense, zero biases (peers.py)
+The two peers compute GELU's tanh approximation, not the exact erf: they are checked against the tanh form
+of the reference (peers.ffn_tanh_ref), outputs and gradients, before they are timed.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import ffn as ffn_op
+from . import peers
 from .case import MODES, Case, Unavailable, rotating
 
 OP = "ffn"
@@ -76,6 +82,12 @@ def _provider_fns(kind: str) -> dict:
     }
 
 
+def _peer_fns(kind: str, device: str) -> dict:
+    """Peer provider name -> maker of fn(x, w_in, w_out); both compute GELU's tanh approximation."""
+    return {f"liger({peers.TANH})": lambda: peers.liger_ffn(kind, device),
+            f"apex({peers.TANH})": lambda: peers.apex_ffn(kind, device)}
+
+
 def _inputs(m: int, d: int, n: int, f: int, device: str, dtype: torch.dtype):
     x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)  # [M, D]
     w_in = (torch.randn(n, d, device=device, dtype=dtype) * d ** -0.5).requires_grad_()  # [N, D]
@@ -97,6 +109,18 @@ def _timed_call(fn, mode: str, input_sets: list):
     for _ in input_sets:
         call()
     return call
+
+
+def _peer_setup(name: str, maker, kind: str, mode: str, shape: tuple, device: str, dtype: torch.dtype):
+    """A peer, after its outputs and gradients matched the tanh reference on the case's inputs."""
+    def setup():
+        fn, verdict = peers.checked(name, (OP, kind, shape, str(dtype), device), maker,
+                                    lambda x, wi, wo: peers.ffn_tanh_ref(x, wi, wo, kind),
+                                    lambda: list(_inputs(*shape, device, dtype)[:3]), grad=True)
+        input_sets = [_inputs(*shape, device, dtype) for _ in range(INPUT_SETS)]
+        return peers.with_check(_timed_call(fn, mode, input_sets), verdict)
+
+    return setup
 
 
 def _setup(name: str, maker, mode: str, shape: tuple, device: str, dtype: torch.dtype):
@@ -151,5 +175,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
                             flops=fwd_flops * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode])
                 for name, maker in _provider_fns(kind).items():
                     case.providers[name] = _setup(name, maker, mode, shape, device, dtype)
+                for name, maker in _peer_fns(kind, device).items():
+                    case.providers[name] = _peer_setup(name, maker, kind, mode, shape, device, dtype)
                 out.append(case)
     return out

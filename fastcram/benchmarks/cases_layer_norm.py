@@ -1,8 +1,10 @@
 """Microbenchmark cases for layer_norm and add_layer_norm: rows x 768, modes fwd / bwd / fwd+bwd.
 
 Providers: "triton" (fastcram.ops.layer_norm), "torch" (the eager reference), "torch.compile" (the compiled
-reference), "apex" (apex's fused_layer_norm_affine; add_layer_norm is an eager add followed by it) and
-"cuda" (the native kernels through fastcram.ops.native, called directly: no autograd).
+reference), "cuda" (the native kernels through fastcram.ops.native, called directly: no autograd), and the
+peers, each checked against the reference on the case's inputs before it is timed (peers.py): "apex"
+(apex's fused_layer_norm_affine), "liger" (Liger-Kernel's LayerNorm), "quack" (QuACK's LayerNorm); for
+add_layer_norm each is an eager add followed by its LayerNorm (none of them fuses the residual add).
 fwd is the training forward (inputs require grad, statistics saved); bwd times the backward alone on a
 retained graph (for add_layer_norm with gradients arriving for both s and y, as in the model); fwd+bwd
 does both. Activations, weight and bias all take the case dtype (apex wants them alike).
@@ -17,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import peers
 from .case import MODES, Case, Unavailable, rotating
 
 HIDDEN = 768
@@ -64,9 +67,18 @@ def providers(op, mode, rows, n, device, dtype) -> dict[str, Callable[[], Callab
         "triton": lambda: autograd_bench(triton_fn(op, device), *shape),
         "torch": lambda: autograd_bench(ref_fn(op), *shape),
         "torch.compile": lambda: autograd_bench(torch.compile(ref_fn(op), dynamic=False), *shape),
-        "apex": lambda: autograd_bench(apex_fn(op, n, device), *shape),
         "cuda": lambda: native_bench(*shape),
+        "apex": lambda: peer_bench("apex", lambda: apex_fn(op, n, device), *shape),
+        "liger": lambda: peer_bench("liger", lambda: peers.liger_layer_norm(op, device), *shape),
+        "quack": lambda: peer_bench("quack", lambda: peers.quack_layer_norm(op, device), *shape),
     }
+
+
+def peer_bench(name, make_fwd, op, mode, rows, n, device, dtype) -> Callable[[], object]:
+    """A peer's autograd_bench, after its outputs and gradients matched the reference's on the same inputs."""
+    fwd, verdict = peers.checked(name, (op, rows, n, str(dtype), device), make_fwd, ref_fn(op),
+                                 lambda: make_inputs(op, rows, n, device, dtype, requires_grad=True), grad=True)
+    return peers.with_check(autograd_bench(fwd, op, mode, rows, n, device, dtype), verdict)
 
 
 def on_cuda(device: str) -> bool:

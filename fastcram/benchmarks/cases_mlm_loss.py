@@ -13,7 +13,10 @@ Providers, side by side:
                               measurement decides whether it wins anywhere
   torch, torch.compile        the reference, eager and compiled (inductor; cuBLAS for the GEMMs)
   linear_cross_entropy        PyTorch's own chunked F.linear_cross_entropy, where the installed torch has it
-  (Liger-Kernel's fused linear cross-entropy belongs to the peers issue's provider; see PEERS below.)
+  liger                       peer: Liger-Kernel's fused linear cross-entropy, eager (peers.py)
+  quack                       peer: QuACK's chunked linear cross-entropy (peers.py)
+The peers are checked against the reference on the case's inputs (loss, and in fwd+bwd both gradients)
+before they are timed.
 Each setup allocates only the inputs (two rotated sets, so the 48 MiB weight is not served from L2), so the
 runner's peak memory is the op's own extra memory plus its outputs. The fwd+bwd mode returns the gradients
 from torch.autograd.grad instead of accumulating them into .grad, so nothing outlives a call.
@@ -23,6 +26,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from fastcram.benchmarks import peers
 from fastcram.benchmarks.case import Case, Unavailable, rotating
 
 D, V = 768, 32768
@@ -61,22 +65,36 @@ def _case(k: int, mode: str, device: str, dtype: torch.dtype) -> Case:
         "torch": setup(_reference),
         "torch.compile": setup(_compiled_reference),
         "linear_cross_entropy": setup(_linear_cross_entropy),
-        # PEERS: Liger-Kernel's LigerFusedLinearCrossEntropyLoss goes here as "liger", from the peers
-        # issue's provider module (checked against the reference before it is timed).
+        "liger": _peer_setup("liger", lambda: peers.liger_mlm_loss(device), k, device, dtype, backward),
+        "quack": _peer_setup("quack", lambda: peers.quack_mlm_loss(device), k, device, dtype, backward),
     })
     return Case(op="mlm_loss", mode=mode, shape=f"K={k},N={n},D={D},V={V}", dtype=DTYPE_NAMES[dtype],
                 bound="compute", bytes=2 * read + grads if backward else read,
                 flops=(3 if backward else 1) * 2 * k * D * V, providers=providers)
 
 
+def _inputs(k: int, device: str, dtype: torch.dtype, backward: bool) -> tuple:
+    rows = torch.randn(k, D, device=device, dtype=dtype).requires_grad_(backward)  # [K, D] gathered rows
+    labels = torch.randint(0, V, (k,), device=device)  # [K]
+    weight = (0.02 * torch.randn(V, D, device=device, dtype=dtype)).requires_grad_(backward)  # [V, D]
+    return rows, labels, weight
+
+
+def _peer_setup(name: str, make_fn, k: int, device: str, dtype: torch.dtype, backward: bool):
+    """A peer's timed call, after its loss (and gradients) matched the reference on the same inputs."""
+    def setup():
+        from fastcram.ops.mlm_loss import mlm_loss_ref
+
+        fn, verdict = peers.checked(name, ("mlm_loss", k, str(dtype), device, backward), make_fn, mlm_loss_ref,
+                                    lambda: list(_inputs(k, device, dtype, backward)), grad=backward)
+        return peers.with_check(_setup(fn, k, device, dtype, backward), verdict)
+
+    return setup
+
+
 def _setup(fn, k: int, device: str, dtype: torch.dtype, backward: bool):
     """Inputs only (N_SETS rotated sets) and the zero-argument call the runner times."""
-    sets = []
-    for _ in range(N_SETS):
-        rows = torch.randn(k, D, device=device, dtype=dtype).requires_grad_(backward)  # [K, D] gathered rows
-        labels = torch.randint(0, V, (k,), device=device)  # [K]
-        weight = (0.02 * torch.randn(V, D, device=device, dtype=dtype)).requires_grad_(backward)  # [V, D]
-        sets.append((rows, labels, weight))
+    sets = [_inputs(k, device, dtype, backward) for _ in range(N_SETS)]
 
     if backward:
         def call(rows, labels, weight):

@@ -1,7 +1,8 @@
-"""Flags of `fastcram bench ...`: kernels (microbenchmarks), step (end-to-end), plot (PNGs from the CSVs).
+"""Flags of `fastcram bench ...`: kernels (microbenchmarks), step (end-to-end), compile (the kernels built for
+GPU architectures on any machine), plot (PNGs from the CSVs).
 
-This file only turns flags into settings; the work is in kernels.py, step.py and plot.py. torch is imported
-inside the handlers so that `--help` stays instant.
+This file only turns flags into settings; the work is in kernels.py, step.py, compile_report.py and plot.py.
+torch is imported inside the handlers so that `--help` stays instant.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def add_parser(sub) -> None:
     k.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
     k.set_defaults(func=cmd_kernels)
 
-    s = bsub.add_parser("step", help="training-step tokens/s and MFU: triton vs torch kernels vs HF BERT")
+    s = bsub.add_parser("step", help="training-step tokens/s and MFU of any combination of the step-level "
+                                     "switches, side by side, and HF BERT")
     s.add_argument("--preset", help="model preset (default crammed-bert on a GPU, tiny on the CPU)")
     s.add_argument("--repeats", type=_positive_int("--repeats"), default=3, help="timed repeats (default 3)")
     s.add_argument("--micro-batch", type=_positive_int("--micro-batch"), help="sequences per step "
@@ -54,8 +56,13 @@ def add_parser(sub) -> None:
                                                                   "3 on the CPU)")
     s.add_argument("--warmup", type=_positive_int("--warmup"), help="untimed steps first, where compile happens "
                                                                     "(default 3 on a GPU, 1 on the CPU)")
-    s.add_argument("--backends", nargs="+", metavar="B", default=["triton", "torch", "hf"],
-                   help="variants: triton, torch, hf (default all three)")
+    s.add_argument("--variants", "--backends", nargs="+", metavar="V",
+                   default=["fastcram", "torch", "hf", "liger"],
+                   help="variants, each a set of switch values [NAME:]KEY=VALUE+KEY=VALUE (e.g. kernels=torch "
+                        "kernels=triton+residual=bf16; commas also separate), or a shorthand: fastcram (as the "
+                        "auto-tuner left it on this machine), torch, triton, hf (Hugging Face BERT), liger "
+                        "(Liger-Kernel's kernels in fastcram). Keys: " + ", ".join(_switch_keys()) +
+                        " (default: fastcram torch hf liger)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _compile_flags(s)
     s.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"),
@@ -64,11 +71,35 @@ def add_parser(sub) -> None:
     s.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
     s.set_defaults(func=cmd_step)
 
+    c = bsub.add_parser("compile", help="compile every Triton kernel for GPU architectures on this machine (no GPU "
+                                         "needed): registers, shared memory, spills, occupancy, wgmma/TMA use")
+    c.add_argument("--arch", default="90a,80", help="architectures, comma-separated (default 90a,80)")
+    c.add_argument("--ops", nargs="+", metavar="OP", help="ops or op files to compile (default all)")
+    c.add_argument("--micro-batches", default="32,64,128,256,512,1024", metavar="N,N",
+                   help="micro-batches of crammed-bert to specialize for (default the GPU search's 32..1024)")
+    c.add_argument("--preset", default="crammed-bert", help="model preset whose shapes are compiled")
+    c.add_argument("--all-configs", action="store_true",
+                   help="also compile the configs the pruner drops for an architecture (marked pruned=yes)")
+    c.add_argument("--check-driver", action="store_true",
+                   help="on a GPU: load every compiled kernel into the CUDA driver and compare its registers and "
+                        "spills with the report's (tools/gpu_check.sh does this)")
+    c.add_argument("--native-lib", default=os.path.join("build", "libfastcram_native.so"), metavar="FILE",
+                   help="CMake-built native library to report too (default build/libfastcram_native.so)")
+    c.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/compile-<arches>-<time>.csv)")
+    c.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
+    c.set_defaults(func=cmd_compile)
+
     pl = bsub.add_parser("plot", help="one PNG per op from benchmark CSVs (needs matplotlib)")
     pl.add_argument("csv", nargs="*", metavar="CSV", help="CSV files (default: bench/results/*.csv)")
     pl.add_argument("--out", metavar="DIR", default=os.path.join(RESULTS_DIR, "plots"),
                     help="folder for the PNGs (default bench/results/plots)")
     pl.set_defaults(func=cmd_plot)
+
+
+def _switch_keys() -> list[str]:
+    from ..train.switches import OP_PREFIX, SWITCHES
+
+    return [f"{k} ({'|'.join(s.values)})" for k, s in SWITCHES.items()] + [f"{OP_PREFIX}<op> (torch|triton|cuda)"]
 
 
 def _split(values: list[str]) -> list[str]:
@@ -126,16 +157,14 @@ def cmd_kernels(args) -> int:
 
 def cmd_step(args) -> int:
     device = _device(args.device)
-    backends = _split(args.backends)
 
     from ..config import PRESETS, TrainConfig, preset
     from ..observe.env_info import device_name
+    from ..train.compile_cache import compile_caches, describe
     from . import step
     from .table import print_table
 
-    unknown = [b for b in backends if b not in step.VARIANTS]
-    if unknown:
-        raise UserError(f"--backends {' '.join(unknown)}: unknown; choose from {', '.join(step.VARIANTS)}")
+    variants = step.parse(_split(args.variants))  # a bad variant is one line naming it, before any work
     gpu = device.startswith("cuda")
     name = args.preset or ("crammed-bert" if gpu else "tiny")
     if name not in PRESETS:
@@ -144,12 +173,14 @@ def cmd_step(args) -> int:
     settings = step.StepSettings(
         preset=name, device=device, micro_batch=micro, steps=args.steps or (20 if gpu else 3),
         warmup=args.warmup or (3 if gpu else 1), repeats=args.repeats,
-        compile=gpu if args.compile is None else args.compile, backends=tuple(backends),
+        compile=gpu if args.compile is None else args.compile, variants=tuple(variants),
         peak_tflops=args.peak_tflops)
     if settings.repeats < 3:
         print("fastcram: fewer than 3 repeats: the spread is not meaningful", file=sys.stderr)
     path = _csv_path(args.csv, "step", device_name(device))
-    rows = step.run(settings, path)
+    with compile_caches() as caches:
+        print(f"compile caches: {describe(caches)}", file=sys.stderr)
+        rows = step.run(settings, path)
     title = (f"fastcram bench step: {name}, micro-batch {micro}, {settings.repeats} x {settings.steps} steps "
              f"on {rows[0].env.get('device', device) if rows else device} ({step.DATA_NOTE})")
     print_table(step.TABLE_HEADERS, step.table_cells(rows), title, plain=args.plain)
@@ -158,6 +189,70 @@ def cmd_step(args) -> int:
     if bad:
         print(f"fastcram: {len(bad)} variant(s) failed; see the status column", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from ..config import PRESETS
+    from . import compile_report as cr
+    from .table import print_table
+
+    arches = tuple(_split([args.arch]))
+    from ..ops.compile_only import ARCHS
+
+    bad = [a for a in arches if a not in ARCHS]
+    if bad or not arches:
+        raise UserError(f"--arch {args.arch}: unknown architecture(s) {', '.join(bad) or '(none)'}; choose from "
+                        f"{', '.join(ARCHS)}")
+    try:
+        micro = tuple(int(m) for m in _split([args.micro_batches]))
+    except ValueError:
+        micro = ()
+    if not micro or min(micro) <= 0:
+        raise UserError(f"--micro-batches {args.micro_batches}: give positive whole numbers, e.g. 32,256")
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown; choose one of {', '.join(PRESETS)}")
+    path = check_output_file(args.csv or os.path.join(RESULTS_DIR, f"compile-{'-'.join('sm' + a for a in arches)}-"
+                                                                   f"{time.strftime('%Y%m%d-%H%M%S')}.csv"),
+                             "--csv", make_parent=True, example="compile.csv")
+    settings = cr.ReportSettings(arches=arches, ops=tuple(_split(args.ops)) if args.ops else None,
+                                 preset=args.preset, micro_batches=micro, all_configs=args.all_configs,
+                                 native_lib=args.native_lib, check_driver=args.check_driver)
+    if args.check_driver:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--check-driver needs a CUDA GPU (it loads the kernels into the driver); leave it out "
+                            "on a machine without one")
+        major, minor = torch.cuda.get_device_capability()
+        mine = {(9, 0): "90a", (8, 0): "80"}.get((major, minor))
+        if mine is None or arches != (mine,):
+            raise UserError(f"--check-driver loads kernels into this GPU (sm_{major}{minor}): pass --arch "
+                            f"{mine or 'of this GPU'}" + ("" if mine else "; only 90a and 80 are known"))
+    rows = cr.run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+    headers, cells = cr.table(rows)
+    import triton
+
+    title = f"{len(rows)} kernels for sm_{', sm_'.join(arches)} (Triton {triton.__version__})"
+    print_table(headers, cells, f"fastcram bench compile: {title}", plain=args.plain)
+    print_table(*cr.summary(rows), f"summary: {title}; kept = the configs the pruner keeps that launch",
+                plain=args.plain)
+    cr.write_csv(rows, path)
+    print(f"wrote {path}", file=sys.stderr)
+    failed = [r for r in rows if str(r.get("status", "")).startswith("error")]
+    if failed:
+        print(f"fastcram: {len(failed)} plan(s) failed to compile; see the status column", file=sys.stderr)
+        return 1
+    if args.check_driver:
+        checked = sum("driver_regs" in r for r in rows)
+        bad = cr.driver_mismatches(rows)
+        for r in bad:
+            print(f"fastcram: the driver disagrees on {r['kernel']} {r['config']} {r['dtypes']}: report regs "
+                  f"{r['regs']}, local {r['local_bytes']} B; driver regs {r['driver_regs']}, spills "
+                  f"{r['driver_spills']}", file=sys.stderr)
+        print(f"fastcram: {checked} kernels loaded into the driver; registers and spills "
+              f"{'agree' if not bad else f'differ for {len(bad)}'}", file=sys.stderr)
+        return 1 if bad or not checked else 0
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Reads what the script left: <work>/stages.tsv (one line per stage: name, exit code, seconds, time limit,
 command, one-line note), each stage's log <work>/<name>.log, <work>/env.txt, and in the output folder
-kernels.csv, step.csv, train_log.jsonl, telemetry.jsonl, nvidia_smi.csv. Writes <out>/report.md and prints
+kernels.csv, step.csv, compile.csv, train_log.jsonl, telemetry.jsonl, nvidia_smi.csv. Writes <out>/report.md and prints
 the short summary table last. Only the standard library is needed, so a broken torch still gets a report.
 """
 from __future__ import annotations
@@ -103,7 +103,9 @@ def kernels_section(rows: list[dict]) -> tuple[str, str]:
     table = [[r["op"], r["mode"], r["shape"], r["dtype"], r["provider"], _f(r["time_ms"], ".4g"),
               f"{_f(r['p20_ms'], '.4g')}-{_f(r['p80_ms'], '.4g')}" if r["p20_ms"] else "",
               _f(r["gbps"], ".1f"), _f(r["tflops"], ".1f"), _f(r["pct_of_ceiling"], ".1f"),
-              _f(r["speedup_vs_torch"], ".2f"), _f(r["peak_mem_mib"], ".1f"), r["status"]] for r in rows]
+              _f(r["speedup_vs_torch"], ".2f"), _f(r["peak_mem_mib"], ".1f"),
+              r["status"] + (" (output check: agrees)" if r.get("check", "").startswith("agrees") else "")]
+             for r in rows]
     body.append(md_table(["op", "mode", "shape", "dtype", "provider", "median ms", "p20-p80", "GB/s", "TFLOP/s",
                           "% ceiling", "x torch", "peak MiB", "status"], table))
     ok = [r for r in rows if r["status"] == "ok"]
@@ -112,7 +114,84 @@ def kernels_section(rows: list[dict]) -> tuple[str, str]:
     summary = f"{len(ok)} timed, {len(errors)} errors, {len(rows) - len(ok) - len(errors)} not run"
     if tri:
         summary += f"; triton vs torch {min(tri):.2f}x-{max(tri):.2f}x"
+    ratios = [float(r["vs_best_peer"]) for r in ok if r.get("vs_best_peer")]
+    if ratios:
+        summary += f"; fastcram / best peer {min(ratios):.2f}-{max(ratios):.2f}"
     return "\n".join(body), summary
+
+
+# ---------------------------------------------------------------- fastcram against its peers
+
+def _kernel_peer_rows(rows: list[dict]) -> list[list[str]]:
+    """One line per kernel case that has a fastcram row: its time, the fastest peer's, the ratio."""
+    out = []
+    for r in rows:
+        if r.get("role") != "fastcram":
+            continue
+        case = [x for x in rows if (x["op"], x["mode"], x["shape"], x["dtype"]) ==
+                (r["op"], r["mode"], r["shape"], r["dtype"])]
+        peer = next((x for x in case if x["provider"] == r.get("best_peer")), None)
+        out.append([r["op"], r["mode"], r["shape"], _f(r["time_ms"], ".4g") or r["status"].split(":")[0],
+                    r.get("best_peer") or "none timed", _f(peer["time_ms"], ".4g") if peer else "",
+                    _f(r.get("vs_best_peer", ""), ".2f")])
+    return out
+
+
+def _peer_status(rows: list[dict], per_peer: int = 3) -> list[str]:
+    """Each peer that was not timed somewhere: each distinct reason once, with the first case it was given for
+    (disagreeing output checks always, the rest up to per_peer reasons a peer)."""
+    seen: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r.get("role") != "peer" or r["status"] == "ok" or r["status"].startswith("skipped: left out"):
+            continue
+        reasons = seen.setdefault(r["provider"], {})
+        if r["status"] not in reasons and (r["status"].startswith("disagrees") or len(reasons) < per_peer):
+            reasons[r["status"]] = f"{r['op']} {r['mode']} {r['shape']}"
+    return [f"- {peer}: {status} ({case})" for peer, reasons in seen.items() for status, case in reasons.items()]
+
+
+def _checked(rows: list[dict]) -> list[str]:
+    agreed = sorted({r["provider"] for r in rows if r.get("check", "").startswith("agrees")})
+    return agreed
+
+
+def peers_section(kernel_rows: list[dict], step_rows: list[dict]) -> str:
+    """fastcram's time as a ratio to the fastest peer measured in the same run, per op case and for the step."""
+    parts = ["Ratio = fastcram's time / the fastest peer's time in the same run (below 1: fastcram is faster). "
+             "Peers: every provider or variant that is not fastcram's own (torch, torch.compile, PyTorch's "
+             "linear_cross_entropy, apex, Liger-Kernel, QuACK; Hugging Face BERT and cramming's way for the "
+             "step). A library peer is timed only after its outputs and gradients matched the reference on the "
+             "case's inputs; the `(gelu=tanh)` peers compute GELU's tanh approximation and are checked against "
+             "that form. QuACK is measured only where it was installed beforehand (its CUTLASS DSL wheel is too "
+             "large for the check's wheel folder); apex has no wheel.", ""]
+    lines = _kernel_peer_rows(kernel_rows)
+    if lines:
+        parts.append(md_table(["op", "mode", "shape", "fastcram ms", "best peer", "peer ms", "fastcram / peer"],
+                              lines))
+    else:
+        parts.append("No kernel case had a fastcram row.")
+    step = next((r for r in step_rows if r.get("role") == "fastcram"), None)
+    if step:
+        peer = next((r for r in step_rows if r["variant"] == step.get("best_peer")), None)
+        parts += ["", md_table(["step", "fastcram variant", "fastcram step ms", "best peer", "peer step ms",
+                                "fastcram / peer"],
+                               [[f"{step['preset']}, micro-batch {step['micro_batch']}",
+                                 f"{step['variant']} ({step['switches'] or '-'})",
+                                 _f(step["step_ms_mean"], ".2f") or step["status"].split(":")[0],
+                                 step.get("best_peer") or "none timed",
+                                 _f(peer["step_ms_mean"], ".2f") if peer else "",
+                                 _f(step.get("vs_best_peer", ""), ".2f")]])]
+        if step.get("note"):
+            parts.append(f"\nThe fastcram variant: {step['note']}.")
+    agreed = _checked(kernel_rows)
+    if agreed:
+        parts.append(f"\nPeers whose output check passed: {', '.join(agreed)}.")
+    missing = _peer_status(kernel_rows) + [f"- step {r['variant']}: {r['status']}" for r in step_rows
+                                           if r.get("role") == "peer" and r["status"] != "ok"]
+    if missing:
+        parts += ["", "Peers not timed (each distinct reason once, with the first case it was given for; a failed "
+                      "output check is always shown):", *missing]
+    return "\n".join(parts)
 
 
 def step_section(rows: list[dict]) -> tuple[str, str]:
@@ -125,11 +204,37 @@ def step_section(rows: list[dict]) -> tuple[str, str]:
               r["status"]] for r in rows]
     body = md_table(["variant", "preset", "micro-batch", "compiled", "tokens/s", "std", "step ms", "MFU",
                      "x torch", "peak MiB", "loss", "status"], table)
+    head = next((r for r in rows if r.get("role") == "fastcram" and r.get("vs_best_peer")), None)
     note = rows[0].get("data", "")
     parts = [f"{r['variant']} {_f(r['tokens_per_s_mean'], ',.0f')} tok/s"
              + (f" MFU {100 * float(r['mfu_mean']):.1f}%" if r["mfu_mean"] else "")
              if r["status"] == "ok" else f"{r['variant']} {r['status'].split(':')[0]}" for r in rows]
+    if head:
+        parts.append(f"fastcram / best peer ({head['best_peer']}) {float(head['vs_best_peer']):.2f}")
     return f"{body}\n\n({note}; mean and std over {rows[0]['repeats']} repeats)", "; ".join(parts)
+
+
+def compile_section(rows: list[dict]) -> tuple[str, str]:
+    """The compile report on the GPU machine: the CPU-side reading of every cubin against the driver's."""
+    if not rows:
+        return "No compile rows (the stage did not write compile.csv).", "no rows"
+    from .compile_report import driver_mismatches  # standard library only, like this file
+
+    checked = [r for r in rows if r.get("driver_regs")]
+    bad = driver_mismatches(rows)
+    spills = [r for r in rows if r.get("spill_stores") not in ("", "0", None)]
+    table = [[r["op"], r["kernel"], r["config"], r["dtypes"], r["regs"], r["driver_regs"],
+              str(int(r["local_bytes"] or 0) // 4), r["driver_spills"], r["ctas_per_sm"], r["wgmma"], r["tma"]]
+             for r in (bad or checked[:12])]
+    body = [f"{len(rows)} kernels compiled by `fastcram bench compile` on the GPU machine (Triton "
+            f"{rows[0].get('triton', '?')}); {len(checked)} loaded into the CUDA driver; registers and spills "
+            f"{'agree for every one' if checked and not bad else f'differ for {len(bad)}'}; {len(spills)} with "
+            f"spill stores.", "", ("Disagreeing rows:" if bad else "First rows:"), "",
+            md_table(["op", "kernel", "config", "dtypes", "regs (report)", "regs (driver)", "spills (report)",
+                      "spills (driver)", "CTA/SM", "wgmma", "tma"], table)]
+    summary = (f"{len(checked)} kernels checked against the driver, "
+               + (f"{len(bad)} disagree" if bad else "all agree") + f"; {len(spills)} spill")
+    return "\n".join(body), summary
 
 
 def train_section(log: list[dict]) -> tuple[str, str]:
@@ -146,9 +251,17 @@ def train_section(log: list[dict]) -> tuple[str, str]:
                         f"{r.get('tokens_per_s', 0):,.0f}",
                         f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a",
                         str(r.get("data_wait_s", "")), str(r.get("budget_spent_s", ""))] for r in recs])]
+    start = next((r for r in log if r.get("event") in ("start", "resume")), None)
+    if start and isinstance(start.get("switches"), dict):
+        lines.append("\nSwitches (value, how chosen): " + "; ".join(
+            f"{k} {v.get('value')} ({v.get('how')})" for k, v in start["switches"].items()))
+    startup = next((r for r in log if r.get("event") == "startup"), None)
+    if startup:
+        lines.append(f"Start-up {startup.get('startup_s')} s: tuning {startup.get('tuning_s')} s, model "
+                     f"{startup.get('build_s')} s, first step (compile) {startup.get('first_step_s')} s.")
     if end:
         lines.append(f"\nEnd: {end.get('steps')} steps, {(end.get('tokens') or 0) / 1e6:.1f}M tokens, "
-                     f"budget spent {end.get('budget_spent_s')} s.")
+                     f"budget spent {end.get('budget_spent_s')} s, peak GPU memory {end.get('peak_mem_mib')} MiB.")
         if isinstance(end.get("telemetry"), dict):
             lines.append("Telemetry summary from the run: " + ", ".join(f"{k} {v}" for k, v in end["telemetry"].items()))
     mfu_txt = f", MFU {100 * sum(mfus) / len(mfus):.1f}%" if mfus else ""
@@ -204,10 +317,12 @@ def telemetry_section(out: str) -> str:
 
 def build(out: str, work: str, dry_run: bool) -> tuple[str, list[list[str]]]:
     stages = read_stages(work)
-    kmd, ksum = kernels_section(read_csv(os.path.join(out, "kernels.csv")))
-    smd, ssum = step_section(read_csv(os.path.join(out, "step.csv")))
+    krows, srows = read_csv(os.path.join(out, "kernels.csv")), read_csv(os.path.join(out, "step.csv"))
+    kmd, ksum = kernels_section(krows)
+    smd, ssum = step_section(srows)
+    cmd_, csum = compile_section(read_csv(os.path.join(out, "compile.csv")))
     tmd, tsum = train_section(read_jsonl(os.path.join(out, "train_log.jsonl")))
-    results = {"bench-kernels": ksum, "bench-step": ssum, "train": "" if dry_run else tsum}
+    results = {"bench-kernels": ksum, "bench-step": ssum, "compile-check": csum, "train": "" if dry_run else tsum}
     summary = []
     for s in stages:
         log = os.path.join(work, f"{s['name']}.log")
@@ -225,8 +340,10 @@ def build(out: str, work: str, dry_run: bool) -> tuple[str, list[list[str]]]:
     md = [f"# {title}", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by tools/gpu_check.sh"
           f"{' --dry-run' if dry_run else ''}.", "", "## Environment", "", "```", env, "```", "",
           "## Stages", "", md_table(["stage", "result", "exit", "seconds", "limit s", "summary"], summary), "",
+          "## fastcram against its peers", "", peers_section(krows, srows), "",
           "## Kernel microbenchmarks (`fastcram bench kernels --quick`)", "", kmd, "",
           "## Training step (`fastcram bench step`)", "", smd, "",
+          "## Compiled kernels against the driver (`fastcram bench compile --check-driver`)", "", cmd_, "",
           "## Training run (`fastcram train --preset crammed-bert --kernels triton --minutes 2`)", "", tmd, "",
           "## Telemetry", "", telemetry_section(out), "", "## Stage commands and log tails", ""]
     for s in stages:

@@ -1,10 +1,14 @@
 """The kernel microbenchmark runner behind `fastcram bench kernels`.
 
 It measures the device's two ceilings first (ceilings.py), then, for every case the op files contribute
-(fastcram/benchmarks/cases_<file>.py), sets up each provider (triton, torch, torch.compile, cuda, apex, ...)
-and times it side by side: do_bench on a GPU, a perf_counter median on the CPU. A provider that cannot run
-here stays in the table as "unavailable: <reason>"; nothing is dropped silently. Rows are appended to the
-CSV case by case, so a run stopped half-way still leaves the cases it finished.
+(fastcram/benchmarks/cases_<file>.py), sets up each provider (triton, torch, torch.compile, cuda, and the
+peers: apex, liger, quack) and times it side by side: do_bench on a GPU, a perf_counter median on the CPU.
+A provider that cannot run here stays in the table as "unavailable: <reason>"; a peer whose output differs
+from the reference on the case's inputs stays as "disagrees: <what>" and is not timed; nothing is dropped
+silently. Each case's fastcram row (the "triton" provider) gets its time as a ratio to the fastest peer timed
+in the same run (`vs_best_peer`, below 1 when fastcram is faster; peers: every provider that is not fastcram's
+own, so torch, torch.compile and the libraries). Rows are appended to the CSV case by case, so a run stopped
+half-way still leaves the cases it finished.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 
 from ..observe.env_info import environment
 from ..files import writing
-from .case import Case, Unavailable
+from .case import Case, Disagrees, Unavailable
 from .ceilings import Ceilings, Timing, measure, time_fn
 
 # cases module (in this package) -> the ops it contributes, in table order
@@ -32,14 +36,17 @@ CASE_MODULES: dict[str, tuple[str, ...]] = {
     "cases_mlm_loss": ("mlm_loss",),
 }
 ALL_OPS = tuple(op for ops in CASE_MODULES.values() for op in ops)
-GPU_ONLY_PROVIDERS = ("triton", "cuda", "apex")  # never timed on the CPU (nor their variants, "triton(...)")
+GPU_ONLY_PROVIDERS = ("triton", "cuda", "apex", "liger", "quack")  # never timed on the CPU (nor "triton(...)")
+FASTCRAM = "triton"  # the provider that is fastcram's op as training runs it
+OWN = ("triton", "cuda")  # fastcram's own providers and their variants ("triton(...)"): not peers
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 # The CSV columns, in order (DESIGN.md "Benchmarks": op, provider, mode, shape, dtype, time, GB/s or TFLOP/s,
 # % of the measured ceiling, peak memory, GPU name, versions, git sha, date).
 CSV_COLUMNS = ["op", "provider", "mode", "shape", "dtype", "status", "time_ms", "p20_ms", "p80_ms", "gbps",
-               "tflops", "pct_of_ceiling", "ceiling", "speedup_vs_torch", "peak_mem_mib", "bound", "bytes",
-               "flops", "timer", "device", "torch", "triton", "cuda", "git_sha", "date"]
+               "tflops", "pct_of_ceiling", "ceiling", "speedup_vs_torch", "role", "best_peer", "vs_best_peer",
+               "check", "peak_mem_mib", "bound", "bytes", "flops", "timer", "device", "torch", "triton", "cuda",
+               "git_sha", "date"]
 
 
 @dataclass
@@ -71,6 +78,10 @@ class Row:
     pct_of_ceiling: float | None = None
     ceiling: str = ""
     speedup_vs_torch: float | None = None
+    role: str = ""  # "fastcram" (the op as training runs it) | "own" (its variants, native CUDA) | "peer"
+    best_peer: str = ""  # on the fastcram row: the fastest peer timed in this case
+    vs_best_peer: float | None = None  # on the fastcram row: its time / that peer's time (< 1: fastcram faster)
+    check: str = ""  # a peer's output check against the reference (peer_check.py)
     peak_mem_mib: float | None = None
     bound: str = ""
     bytes: int | None = None
@@ -129,6 +140,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def is_gpu_only(provider: str) -> bool:
     return provider.split("(")[0] in GPU_ONLY_PROVIDERS
+
+
+def role(provider: str) -> str:
+    if provider == FASTCRAM:
+        return "fastcram"
+    return "own" if provider.split("(")[0] in OWN else "peer"
 
 
 def is_compiled(provider: str) -> bool:
@@ -202,7 +219,7 @@ def _peak_mem_mib(fn: Callable[[], object], device: str) -> float | None:
 def measure_provider(case: Case, provider: str, settings: Settings, ceilings: Ceilings, env: dict) -> Row:
     """Set up one provider of one case and time it; any failure becomes the row's status."""
     row = Row(case.op, provider, case.mode, case.shape, case.dtype, "ok", bound=case.bound, bytes=case.bytes,
-              flops=case.flops, ceiling=ceilings.for_bound(case.bound)[1], env=env)
+              flops=case.flops, ceiling=ceilings.for_bound(case.bound)[1], role=role(provider), env=env)
     skip = skip_before_setup(case, provider, settings, ceilings)
     if skip:
         row.status = skip
@@ -210,6 +227,7 @@ def measure_provider(case: Case, provider: str, settings: Settings, ceilings: Ce
     fn = None
     try:
         fn = case.providers[provider]()  # GPU-only providers raise Unavailable here on the CPU
+        row.check = getattr(fn, "check", "")  # a peer's verdict: it agreed with the reference
         skip = skip_after_setup(case, provider, settings, ceilings)
         if skip:
             row.status = skip
@@ -219,6 +237,10 @@ def measure_provider(case: Case, provider: str, settings: Settings, ceilings: Ce
         t = time_fn(fn, settings.device)
     except Unavailable as e:
         row.status = f"unavailable: {e}"
+        return row
+    except Disagrees as e:  # checked before timing: a wrong answer is reported, never timed
+        row.status = f"disagrees: {e}"[:300]
+        row.check = "disagrees"
         return row
     except Exception as e:  # a broken provider is reported in its row; the other providers still run
         row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -250,11 +272,18 @@ def _release(provider: str, device: str) -> None:
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """speedup = torch eager time / this row's time, within one case."""
+    """speedup = torch eager time / this row's time, within one case; the fastcram row's ratio to the best peer."""
     base = next((r.time_ms for r in rows if r.provider == "torch" and r.time_ms), None)
     for r in rows:
         if base and r.time_ms:
             r.speedup_vs_torch = base / r.time_ms
+    timed_peers = [r for r in rows if r.role == "peer" and r.status == "ok" and r.time_ms]
+    best = min(timed_peers, key=lambda r: r.time_ms, default=None)
+    for r in rows:
+        if r.role == "fastcram" and best is not None:
+            r.best_peer = best.provider
+            if r.time_ms:
+                r.vs_best_peer = r.time_ms / best.time_ms
 
 
 # ---------------------------------------------------------------- the run
@@ -331,7 +360,7 @@ def failures(rows: list[Row]) -> list[Row]:
 # ---------------------------------------------------------------- the terminal table
 
 TABLE_HEADERS = ["op", "mode", "shape", "dtype", "provider", "median ms", "p20-p80 ms", "rate", "% ceiling",
-                 "vs torch", "peak MiB", "status"]
+                 "vs torch", "/ best peer", "peak MiB", "status"]
 
 
 def table_cells(rows: list[Row]) -> list[list[str]]:
@@ -344,8 +373,14 @@ def table_cells(rows: list[Row]) -> list[list[str]]:
         cells.append([r.op, r.mode, r.shape, r.dtype, r.provider, num(r.time_ms, ".4g"), spread, _rate(r),
                       num(r.pct_of_ceiling, ".1f"),
                       "" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}x",
-                      num(r.peak_mem_mib, ".1f"), r.status])
+                      f"{r.vs_best_peer:.2f} ({r.best_peer})" if r.vs_best_peer is not None else "",
+                      num(r.peak_mem_mib, ".1f"), _status(r)])
     return cells
+
+
+def _status(r: Row) -> str:
+    """The status, and for a peer that was timed or skipped after its check, that it agreed."""
+    return f"{r.status} (output check: agrees)" if r.check.startswith("agrees") else r.status
 
 
 def _rate(r: Row) -> str:

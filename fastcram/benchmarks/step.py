@@ -1,21 +1,36 @@
-"""End-to-end training-step throughput behind `fastcram bench step`.
+"""End-to-end training-step throughput behind `fastcram bench step --variants ...`.
 
 One timed step is what the training loop does for one micro-batch: mask a block of tokens on the device
 (fastcram.data.loader.mask_batch), forward + backward (fastcram.train.step.make_step, compiled), clip the gradient
 norm, AdamW step, zero the gradients. The data is synthetic (uniform random token ids): throughput does not
 depend on which tokens they are. Warm-up steps (where torch.compile builds the graph) are not timed; the
-host synchronises with the device only around each timed repeat. Variants:
-  fastcram triton   the fused Triton kernels (--kernels triton)
-  fastcram torch    the reference ops, fused by inductor (--kernels torch)
-  hf bert           Hugging Face BertForMaskedLM of the same width and depth (SDPA attention, bf16 autocast,
-                    compiled): the classic FFN, a prediction-head transform and logits for every token, as
-                    that library trains it; its MFU counts its own FLOPs.
+host synchronises with the device only around each timed repeat.
+
+A variant is a named set of step-level switch values in the grammar of fastcram.train.switches, e.g.
+`kernels=torch,kernels=triton+residual=bf16,kernels=triton+compile_mode=reduce-overhead`; unset switches
+keep their defaults (compile on a GPU, bf16 autocast on a GPU). Shorthands:
+  fastcram fastcram as a run on this machine would start: on a GPU the switches the auto-tuner cached for
+           this model and micro-batch (`fastcram train` tunes them once per machine), or, before any tuning,
+           kernels=triton with the other switches at their defaults (the row's note says which); on a CPU
+           a CPU run's defaults (torch kernels)
+  torch    kernels=torch: the reference ops, fused by inductor (cramming's way: whole-model compile, no
+           custom kernels)
+  triton   kernels=triton: the fused Triton kernels
+  hf       Hugging Face BertForMaskedLM of the same width and depth (SDPA attention, bf16 autocast,
+           compiled): the classic FFN, a prediction-head transform and logits for every token, as that
+           library trains it; its MFU counts its own FLOPs.
+  liger    fastcram with Liger-Kernel's kernels in place of its own where the interfaces allow: Liger's
+           LayerNorm (after a torch add for add_layer_norm) and fused linear cross-entropy, fastcram's Triton
+           FFN (Liger's GEGLU is GELU's tanh approximation, not the recipe's exact GELU); see liger_ops.py.
+Peers: torch (kernels=torch), hf and liger. Each row of the headline variant (`fastcram`, else `triton`)
+gets its step time as a ratio to the fastest peer of the same run (`vs_best_peer`, below 1 when fastcram is
+faster).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import gc
+import io
 import math
 import os
 import sys
@@ -26,21 +41,29 @@ from typing import Callable, TextIO
 import torch
 
 from ..config import DataConfig, ModelConfig, TrainConfig, preset
-from ..observe.env_info import environment
 from ..errors import UserError
-from ..files import writing
+from ..files import atomic_write_bytes
+from ..observe.env_info import environment
 from ..observe.metrics import flops_per_token, mfu, peak_tflops
+from ..train import switches as sw
 from .case import Unavailable
 
-VARIANTS = {"triton": "fastcram triton", "torch": "fastcram torch", "hf": "hf bert"}
+HF = "hf"
+FASTCRAM = "fastcram"
+LIGER = "liger"
+NAMED = (FASTCRAM, HF, LIGER)  # shorthands that are not switch settings
+NAMES = {"torch": "fastcram torch", "triton": "fastcram triton", HF: "hf bert",
+         LIGER: "fastcram+liger"}  # shorthands' row names
+DEFAULT_VARIANTS = (FASTCRAM, "torch", HF, LIGER)
 N_SPECIAL = 7  # ids 0..6 are the special tokens (<pad> <s> </s> <unk> <cls> <sep> <mask>)
 DATA_NOTE = "synthetic data: uniform random token blocks masked by fastcram.data.loader.mask_batch"
+SWITCH_COLUMNS = [k for k in sw.SWITCHES if k not in ("kernels", "compile")]  # each switch's value, one column
 
-CSV_COLUMNS = ["variant", "status", "kernels", "compiled", "preset", "micro_batch", "seq_len", "steps",
-               "repeats", "tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_min", "tokens_per_s_max",
-               "step_ms_mean", "mfu_mean", "speedup_vs_torch", "flops_per_token", "peak_tflops",
-               "peak_mem_mib", "params_m", "final_loss", "data", "device", "torch", "triton", "cuda",
-               "git_sha", "date"]
+CSV_COLUMNS = (["variant", "status", "switches", "kernels", "compiled"] + SWITCH_COLUMNS +
+               ["preset", "micro_batch", "seq_len", "steps", "repeats", "tokens_per_s_mean", "tokens_per_s_std",
+                "tokens_per_s_min", "tokens_per_s_max", "step_ms_mean", "mfu_mean", "speedup_vs_torch", "role",
+                "best_peer", "vs_best_peer", "note", "flops_per_token", "peak_tflops", "peak_mem_mib", "params_m",
+                "final_loss", "data", "device", "torch", "triton", "cuda", "git_sha", "date"])
 
 
 @dataclass
@@ -51,8 +74,8 @@ class StepSettings:
     steps: int  # timed steps per repeat
     warmup: int  # untimed steps first (torch.compile builds here)
     repeats: int
-    compile: bool
-    backends: tuple[str, ...] = ("triton", "torch", "hf")
+    compile: bool  # the default of the `compile` switch
+    variants: tuple = DEFAULT_VARIANTS  # variant specs (strings) or parsed fastcram.train.switches.Variant
     peak_tflops: float | None = None  # override for GPUs missing from fastcram.observe.metrics' table
 
 
@@ -60,8 +83,10 @@ class StepSettings:
 class StepRow:
     variant: str
     status: str
+    switches: str = ""
     kernels: str = ""
     compiled: bool = False
+    values: dict = field(default_factory=dict)  # the other switches' values, one CSV column each
     preset: str = ""
     micro_batch: int = 0
     seq_len: int = 0
@@ -74,6 +99,10 @@ class StepRow:
     step_ms_mean: float | None = None
     mfu_mean: float | None = None
     speedup_vs_torch: float | None = None
+    role: str = ""  # "fastcram" (the headline variant) | "peer" (torch, hf, liger) | "own" (other variants)
+    best_peer: str = ""  # on the headline row: the fastest peer of this run
+    vs_best_peer: float | None = None  # on the headline row: its step time / that peer's (< 1: fastcram faster)
+    note: str = ""  # how the variant was resolved (e.g. the `fastcram` variant's tuning source)
     flops_per_token: float | None = None
     peak_tflops: float | None = None
     peak_mem_mib: float | None = None
@@ -83,7 +112,8 @@ class StepRow:
     env: dict = field(default_factory=dict)
 
     def csv_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "env"}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("env", "values")}
+        d.update({k: self.values.get(k, "") for k in SWITCH_COLUMNS})
         d.update({k: self.env.get(k, "") for k in ("device", "torch", "triton", "cuda", "git_sha", "date")})
         return {k: "" if d[k] is None else (f"{d[k]:.6g}" if isinstance(d[k], float) else str(d[k]))
                 for k in CSV_COLUMNS}
@@ -97,6 +127,29 @@ class Variant:
     flops_per_token: float
 
 
+def parse(specs) -> list[sw.Variant]:
+    """Variant specs -> parsed variants; `fastcram`, `hf` and `liger` stay names (not switch settings)."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, sw.Variant):
+            out.append(spec)
+        elif spec.strip() in NAMED:
+            out.append(sw.Variant(spec.strip(), {}))
+        else:
+            out += sw.parse_variants([spec])
+    names = [v.name for v in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"--variants: variant {dup[0]!r} is given twice; name them apart with NAME:...")
+    return out
+
+
+def configs(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings) -> tuple[ModelConfig, TrainConfig]:
+    """The variant's switches over the benchmark's defaults."""
+    base = TrainConfig(kernels="torch", compile=s.compile, device=s.device, micro_batch=s.micro_batch)
+    return sw.apply(variant.settings, model_cfg, base)
+
+
 # ---------------------------------------------------------------- synthetic data
 
 def _special():
@@ -107,49 +160,59 @@ def _special():
 
 def batch_source(model_cfg: ModelConfig, micro_batch: int, device: str, n_blocks: int = 4, seed: int = 0):
     """A function returning the next masked batch; token blocks rotate, masks are drawn fresh each time."""
-    from ..data.loader import mask_batch
+    from ..train.step import synthetic_batches
 
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    blocks = [torch.randint(N_SPECIAL, model_cfg.vocab_size, (micro_batch, model_cfg.seq_len), generator=gen,
-                            device=device) for _ in range(n_blocks)]  # each [B, L]
-    dcfg = DataConfig(seq_len=model_cfg.seq_len)
-    special = _special()
-    state = {"i": 0}
-
-    def next_batch():
-        ids = blocks[state["i"] % n_blocks]
-        state["i"] += 1
-        return mask_batch(ids, dcfg, special, model_cfg.vocab_size, gen)
-
-    return next_batch
+    return synthetic_batches(model_cfg, micro_batch, device, _special(), DataConfig().mask_prob, n_blocks, seed)
 
 
 # ---------------------------------------------------------------- the variants
 
-def build_fastcram(model_cfg: ModelConfig, kernels: str, s: StepSettings) -> Variant:
-    from ..train.step import build_model, make_optimizer, make_step
+def tuned_variant(model_cfg: ModelConfig, s: StepSettings) -> tuple[sw.Variant, str]:
+    """The `fastcram` variant's switches, and a note saying where they come from."""
+    if not s.device.startswith("cuda"):
+        return sw.Variant(FASTCRAM, {"kernels": "torch"}), "a CPU run's defaults (nothing is tuned on a CPU)"
+    from ..train.autotune import cached_choice
 
-    tcfg = TrainConfig(kernels=kernels, compile=s.compile, device=s.device, micro_batch=s.micro_batch)
+    request = TrainConfig(kernels=sw.AUTO, attention=sw.AUTO, compile_mode=sw.AUTO if s.compile else "default",
+                          compile=s.compile, device=s.device, micro_batch=s.micro_batch)
+    choice, path = cached_choice(model_cfg, request, s.device, DataConfig().mask_prob)
+    if choice:
+        return sw.Variant(FASTCRAM, dict(choice)), f"as tuned on this machine (tuning cache {path})"
+    return (sw.Variant(FASTCRAM, {"kernels": "triton"}),
+            "not tuned on this machine yet (no tuning cached for this model and micro-batch; `fastcram train` "
+            "tunes once): kernels=triton, the other switches at their defaults")
+
+
+def build_liger(model_cfg: ModelConfig, s: StepSettings) -> Variant:
+    """fastcram on the Liger ops bundle (liger_ops.py), every switch at its default."""
     try:
-        model = build_model(model_cfg, tcfg, s.device)
-    except UserError as e:  # e.g. triton kernels without a GPU: the reason goes into the row
+        from . import liger_ops
+    except ImportError as e:
+        raise Unavailable(f"Liger-Kernel is not importable here ({e}); bash tools/fetch_wheels.sh (the GPU check "
+                          f"installs it), or pip install liger-kernel") from None
+    if not s.device.startswith("cuda"):
+        raise Unavailable("Liger-Kernel's LayerNorm needs a CUDA GPU (it does not run in the Triton CPU "
+                          "interpreter)")
+    _, tcfg = configs(sw.Variant(LIGER, {"kernels": "triton"}), model_cfg, s)
+    return build_fastcram(model_cfg, tcfg, s, ops=liger_ops.bundle())
+
+
+def build_fastcram(model_cfg: ModelConfig, tcfg: TrainConfig, s: StepSettings, ops=None) -> Variant:
+    from ..train.step import autocast_dtype, build_model, check_attention, make_optimizer, make_step, optimizer_step
+
+    try:
+        model = build_model(model_cfg, tcfg, s.device, ops=ops)
+        check_attention(tcfg.attention, model_cfg, s.device, autocast_dtype(tcfg, s.device),
+                        DataConfig(seq_len=model_cfg.seq_len).masked_per_seq)
+        step_fn = make_step(model, tcfg, s.device)
+    except UserError as e:  # e.g. triton kernels without a GPU, an SDPA backend missing: the reason goes in the row
         raise Unavailable(str(e)) from None
     optimizer = make_optimizer(model, tcfg, s.device)
-    step_fn = make_step(model, tcfg, s.device)
+    one = optimizer_step(model, optimizer, step_fn, tcfg)
     next_batch = batch_source(model_cfg, s.micro_batch, s.device)
     model.train()
-
-    def one_step() -> torch.Tensor:
-        b = next_batch()
-        loss = step_fn(b.input_ids, b.positions, b.labels, 1)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
     params = sum(p.numel() for p in model.parameters())
-    return Variant(one_step, params, flops_per_token(model_cfg, DataConfig().mask_prob))
+    return Variant(lambda: one(next_batch()), params, flops_per_token(model_cfg, DataConfig().mask_prob))
 
 
 def hf_model_config(model_cfg: ModelConfig):
@@ -210,10 +273,12 @@ def build_hf(model_cfg: ModelConfig, s: StepSettings) -> Variant:
     return Variant(one_step, params, hf_flops_per_token(model_cfg))
 
 
-def build_variant(backend: str, model_cfg: ModelConfig, s: StepSettings) -> Variant:
-    if backend == "hf":
+def build_variant(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings) -> Variant:
+    if variant.name == HF and not variant.settings:
         return build_hf(model_cfg, s)
-    return build_fastcram(model_cfg, backend, s)
+    if variant.name == LIGER and not variant.settings:
+        return build_liger(model_cfg, s)
+    return build_fastcram(*configs(variant, model_cfg, s), s)
 
 
 # ---------------------------------------------------------------- timing
@@ -245,20 +310,48 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def measure_variant(backend: str, model_cfg: ModelConfig, s: StepSettings, env: dict, peak: float | None,
+def _row(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings, env: dict, peak: float | None) -> StepRow:
+    row = StepRow(NAMES.get(variant.name, variant.name), "ok", preset=s.preset, micro_batch=s.micro_batch,
+                  seq_len=model_cfg.seq_len, steps=s.steps, repeats=s.repeats, peak_tflops=peak,
+                  role=role(variant), env=env)
+    if variant.name == HF and not variant.settings:
+        row.kernels, row.compiled = "-", s.compile
+        return row
+    if variant.name == LIGER and not variant.settings:
+        from .peers import LIGER_STEP_OPS
+
+        row.kernels, row.compiled = "+".join(f"{op}:{b}" for op, b in LIGER_STEP_OPS.items()), s.compile
+        return row
+    m_cfg, t_cfg = configs(variant, model_cfg, s)
+    values = sw.current(m_cfg, t_cfg)
+    row.switches = sw.label(variant.settings)
+    row.kernels = values["kernels"] + "".join(f"+{k[len(sw.OP_PREFIX):]}:{v}" for k, v in values.items()
+                                              if k.startswith(sw.OP_PREFIX))
+    row.compiled = t_cfg.compile
+    row.values = {k: values[k] for k in SWITCH_COLUMNS}
+    return row
+
+
+def role(variant: sw.Variant) -> str:
+    """"peer" for what users would pick instead (torch, hf, liger); "own" for fastcram's variants (run() marks
+    the headline one "fastcram")."""
+    if (variant.name in (HF, LIGER) and not variant.settings) or variant.settings == {"kernels": "torch"}:
+        return "peer"
+    return "own"
+
+
+def measure_variant(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings, env: dict, peak: float | None,
                     log: TextIO) -> StepRow:
-    row = StepRow(VARIANTS[backend], "ok", kernels=backend if backend != "hf" else "-", compiled=s.compile,
-                  preset=s.preset, micro_batch=s.micro_batch, seq_len=model_cfg.seq_len, steps=s.steps,
-                  repeats=s.repeats, peak_tflops=peak, env=env)
+    row = _row(variant, model_cfg, s, env, peak)
     cuda = s.device.startswith("cuda")
     v = None
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats(s.device)
-        v = build_variant(backend, model_cfg, s)
+        v = build_variant(variant, model_cfg, s)
         row.params_m, row.flops_per_token = v.params / 1e6, v.flops_per_token
         print(f"{row.variant}: {v.params / 1e6:.1f}M params, {s.warmup} warm-up step(s)"
-              f"{' (compiling)' if s.compile else ''} ...", file=log, flush=True)
+              f"{' (compiling)' if row.compiled else ''} ...", file=log, flush=True)
         rates, row.final_loss = time_variant(v, s, s.micro_batch * model_cfg.seq_len)
     except Unavailable as e:
         row.status = f"unavailable: {e}"
@@ -285,40 +378,71 @@ def _fill(row: StepRow, rates: list[float], model_cfg: ModelConfig, s: StepSetti
 
 
 def _release(device: str) -> None:
-    torch._dynamo.reset()  # the next variant compiles its own graph, within the recompile limits
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    from ..train.step import release_compiled
+
+    release_compiled(device)  # the next variant compiles its own graph, within the recompile limits
 
 
 def run(s: StepSettings, csv_path: str, log: TextIO = sys.stderr) -> list[StepRow]:
-    """Every requested variant, one after another; rows are written to the CSV as each one finishes."""
+    """Every requested variant, one after another; the CSV is rewritten (atomically) as each one finishes, so
+    a run stopped half-way leaves the variants it finished, with the ratios known so far."""
     model_cfg = preset(s.preset).model
     env = {**environment(s.device), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     peak = peak_tflops(env["device"] if s.device.startswith("cuda") else None, s.peak_tflops)
+    variants, notes, headline = _resolve(parse(s.variants), model_cfg, s)
     print(f"step benchmark: {s.preset} on {env['device']}, micro-batch {s.micro_batch} x {model_cfg.seq_len} "
           f"tokens, {s.repeats} repeats of {s.steps} steps; {DATA_NOTE}", file=log, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     rows: list[StepRow] = []
-    with writing(csv_path), open(csv_path, "w", newline="") as f:  # a full disk: one line naming the file
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for backend in s.backends:
-            row = measure_variant(backend, model_cfg, s, env, peak, log)
-            rows.append(row)
-            _speedups(rows)
-            w.writerow(row.csv_dict())
-            f.flush()
-            print(f"{row.variant}: {_summary(row)}", file=log, flush=True)
+    write_csv(csv_path, rows)
+    for variant in variants:
+        row = measure_variant(variant, model_cfg, s, env, peak, log)
+        row.note = notes.get(variant.name, "")
+        row.role = "fastcram" if variant.name == headline else row.role
+        rows.append(row)
+        _speedups(rows)  # a later peer can change the headline row's ratio: the whole file is rewritten
+        write_csv(csv_path, rows)
+        print(f"{row.variant}: {_summary(row)}", file=log, flush=True)
     return rows
 
 
+def write_csv(path: str, rows: list[StepRow]) -> None:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r.csv_dict())
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _resolve(variants: list[sw.Variant], model_cfg: ModelConfig, s: StepSettings) -> tuple[list, dict, str]:
+    """The `fastcram` variant's switches filled in; name -> note; the headline variant's name: `fastcram`, or
+    else the first variant that is kernels=triton alone."""
+    out, notes = [], {}
+    for v in variants:
+        if v.name == FASTCRAM and not v.settings:
+            v, notes[FASTCRAM] = tuned_variant(model_cfg, s)
+        out.append(v)
+    headline = next((v.name for v in out if v.name == FASTCRAM),
+                    next((v.name for v in out if v.settings == {"kernels": "triton"}), ""))
+    return out, notes, headline
+
+
 def _speedups(rows: list[StepRow]) -> None:
-    base = next((r.tokens_per_s_mean for r in rows if r.variant == VARIANTS["torch"] and r.tokens_per_s_mean),
-                None)
+    """Against the plain torch step (kernels=torch, every other switch at its default); the headline row's
+    step time as a ratio to the fastest peer's."""
+    base = next((r.tokens_per_s_mean for r in rows if r.switches == "kernels=torch" and r.role != "fastcram"
+                 and r.tokens_per_s_mean), None)
     for r in rows:
         if base and r.tokens_per_s_mean:
             r.speedup_vs_torch = r.tokens_per_s_mean / base
+    best = max((r for r in rows if r.role == "peer" and r.status == "ok" and r.tokens_per_s_mean),
+               key=lambda r: r.tokens_per_s_mean, default=None)
+    for r in rows:
+        if r.role == "fastcram" and best is not None:
+            r.best_peer = best.variant
+            if r.tokens_per_s_mean:
+                r.vs_best_peer = best.tokens_per_s_mean / r.tokens_per_s_mean  # = fastcram's step time / the peer's
 
 
 def _summary(r: StepRow) -> str:
@@ -331,8 +455,8 @@ def _pct(u: float | None) -> str:
     return "n/a" if u is None else f"{100 * u:.1f}%"
 
 
-TABLE_HEADERS = ["variant", "compiled", "tokens/s mean", "std", "min-max", "step ms", "MFU", "vs torch",
-                 "peak MiB", "params M", "loss", "status"]
+TABLE_HEADERS = ["variant", "switches", "compiled", "tokens/s mean", "std", "min-max", "step ms", "MFU", "vs torch",
+                 "/ best peer", "peak MiB", "params M", "loss", "status"]
 
 
 def table_cells(rows: list[StepRow]) -> list[list[str]]:
@@ -340,11 +464,12 @@ def table_cells(rows: list[StepRow]) -> list[list[str]]:
     for r in rows:
         ok = r.tokens_per_s_mean is not None
         cells.append([
-            r.variant, "yes" if r.compiled else "no",
+            r.variant, r.switches or "-", "yes" if r.compiled else "no",
             f"{r.tokens_per_s_mean:,.0f}" if ok else "", f"{r.tokens_per_s_std:,.0f}" if ok else "",
             f"{r.tokens_per_s_min:,.0f}-{r.tokens_per_s_max:,.0f}" if ok else "",
             f"{r.step_ms_mean:.2f}" if ok else "", _pct(r.mfu_mean) if ok else "",
             f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "",
+            f"{r.vs_best_peer:.2f} ({r.best_peer})" if r.vs_best_peer is not None else "",
             f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib else "", f"{r.params_m:.1f}" if r.params_m else "",
             f"{r.final_loss:.3f}" if r.final_loss is not None else "", r.status])
     return cells

@@ -23,16 +23,39 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def environment(device: str) -> dict:
+def driver_version(device: str) -> str | None:
+    """The NVIDIA driver's version (NVML when nvidia-ml-py is installed, else the CUDA driver API version
+    torch reports); None without a GPU."""
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # no nvidia-ml-py, or NVML cannot start: fall back to the CUDA driver API version
+        pass
+    try:
+        v = torch._C._cuda_getDriverVersion()  # e.g. 12040
+        return f"cuda driver api {v // 1000}.{v % 1000 // 10}"
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def triton_version() -> str | None:
     try:
         import triton
-        triton_version = triton.__version__
     except ImportError:
-        triton_version = None
+        return None
+    return triton.__version__
+
+
+def environment(device: str) -> dict:
     return {
         "git_sha": git_sha(),
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": triton_version(),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "device": device_name(device),

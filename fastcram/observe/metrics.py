@@ -28,10 +28,17 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, mask_prob: float = 0.25) -> float:
-    """Training FLOPs per token: 6 N_matmul + attention scores/values 12 L s d + the sparse decoder."""
+    """Training FLOPs per token of the work the model does: 6 N_matmul + attention scores/values 12 L s d +
+    the sparse decoder. With cfg.sparse_last_layer the last block's query projection, attention output,
+    output projection and FFN run for the predicted fraction of the tokens only (keys and values for all)."""
+    d, s = cfg.hidden, cfg.seq_len
     dense = 6 * matmul_params(cfg)
-    attention = 12 * cfg.layers * cfg.seq_len * cfg.hidden
-    decoder = 6 * cfg.hidden * cfg.vocab_size * mask_prob  # only the predicted fraction
+    attention = 12 * cfg.layers * s * d
+    decoder = 6 * d * cfg.vocab_size * mask_prob  # only the predicted fraction
+    if cfg.sparse_last_layer:
+        rows_only = d * d + d * d + d * cfg.intermediate + cfg.ffn_out_in * d  # q, out-proj, both FFN matmuls
+        dense -= 6 * rows_only * (1 - mask_prob)
+        attention -= 12 * s * d * (1 - mask_prob)  # the last layer's scores and values, per query row
     return float(dense + attention + decoder)
 
 

@@ -56,13 +56,13 @@ saved here is about 0.04 ms of DRAM time per layer if the epilogue's traffic doe
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAVE_TRITON, interpreting, tl, triton
+from ._triton import (HAVE_TRITON, capability, interpreting, max_shared_memory, multiprocessor_count, prune, tl,
+                      triton, triton_unavailable_reason)
 
 __all__ = ["HAVE_TRITON", "KINDS", "ffn_ref", "ffn", "use_descriptors"]
 
@@ -129,7 +129,8 @@ if HAVE_TRITON:
         _cfg(128, 64, 64, 3, 8), _cfg(128, 64, 64, 4, 8), _cfg(64, 128, 64, 4, 8), _cfg(64, 64, 64, 4, 4),
         _cfg(128, 64, 64, 3, 8, persistent=True), _cfg(128, 64, 64, 4, 8, persistent=True),
     ]
-    FP32_CONFIG = _cfg(64, 64, 32, 3, 4)  # the exact FMA path ("ieee"): bf16-sized tiles spill there
+    FP32_CONFIG = _cfg(64, 32, 32, 3, 4)  # the exact FMA path ("ieee"): bf16-sized tiles spill there (64x64
+    # spilled in the GLU forward on sm_80; this one compiles without spills for every epilogue, sm_90a and sm_80)
     # The interpreter: one config (autotuning there only costs time), tiles smaller than the test shapes so
     # edge masks and grouped ordering are exercised, persistent with 2 programs so the tile loop is too.
     INTERPRETER_CONFIG = _cfg(16, 16, 16, 1, 4, persistent=True, group_m=2)
@@ -343,10 +344,13 @@ if HAVE_TRITON:
 
     def _prune(configs, named_args, **kwargs):
         c = named_args["c"]
-        if interpreting() or c.device.type != "cuda":
+        if interpreting() or c.device.type not in ("cuda", "meta"):
             return configs
-        return prune_configs(configs, _capability(c.device), _smem_limit(c.device), c.dtype,
+        if c.dtype == torch.float32:
+            return [FP32_CONFIG]  # a choice, not a limit: one exact-FMA tile for the (test-only) fp32 inputs
+        kept = prune_configs(configs, capability(c.device), max_shared_memory(c.device), c.dtype,
                              kwargs["EPILOGUE"] == FWD_GEGLU)
+        return prune(configs, kept, "_ffn_gemm_kernel", c.device, kwargs)  # the GPU's limits: noted for the report
 
     _even_k_heuristic = triton.heuristics({"EVEN_K": _even_k})(_ffn_gemm_kernel)
     # + tensor dtypes (the autotuner adds those of pointer arguments: c and h)
@@ -401,31 +405,16 @@ def _check(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, glu: bool) 
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if not HAVE_TRITON:
-        raise ValueError("ffn: triton is not installed; use the torch backend (--kernels torch)")
-    if t.device.type != "cuda" and not interpreting():
-        raise ValueError(f"ffn: got a tensor on {t.device}; the triton kernels need CUDA (or "
-                         f"TRITON_INTERPRET=1 on CPU); use the torch backend (--kernels torch)")
+    why = triton_unavailable_reason(t.device.type)
+    if why:
+        raise ValueError(f"ffn: got a tensor on {t.device}: {why}; use the torch backend (--kernels torch)")
 
 
-@functools.lru_cache(maxsize=None)
 def _persistent_programs(device: torch.device) -> int:
     """Programs of a persistent launch: one per SM (2 in the interpreter, to exercise the tile loop)."""
-    if device.type != "cuda":
+    if device.type == "cpu":
         return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_limit(device: torch.device) -> int:
-    """Shared memory one block may opt in to (Triton's driver query; torch's property is not in every version)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    return multiprocessor_count(device)
 
 
 def descriptors_fit(*tensors: torch.Tensor) -> bool:
@@ -460,8 +449,7 @@ def _launch(epilogue: int, a: torch.Tensor, b: torch.Tensor, b_nk: bool, c: torc
     save = h is not None
     hh = h if save else c  # an unused pointer when nothing is saved
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if b_nk else (b.stride(0), b.stride(1))
-    capability = None if a.device.type != "cuda" else _capability(a.device)
-    desc = use_descriptors(capability, a, b)
+    desc = use_descriptors(None if a.device.type == "cpu" else capability(a.device), a, b)
     if desc:  # the block shapes are set per config by _set_descriptor_blocks
         a_arg = TensorDescriptor.from_tensor(a, [16, 16])
         b_arg = TensorDescriptor.from_tensor(b, [16, 16])
@@ -505,6 +493,26 @@ def _preact_grad(dout: torch.Tensor, w_out: torch.Tensor, h: torch.Tensor, glu: 
     dh = _alloc((m, h.shape[1]), h)  # [M, N]
     _launch(BWD_GEGLU if glu else BWD_GELU, dout2, w_out, False, dh, h, f)
     return dh
+
+
+def compile_plan(cfg, micro_batch: int) -> None:
+    """Every GEMM launch of the FFN at one micro-batch, forward (with and without saving for backward) and
+    backward, in bf16 (training under autocast) and fp32, for the preset's FFN kind and the other one, on
+    meta tensors: for `fastcram bench compile`. The sparse last layer's FFN sees K rows instead of M."""
+    from ..config import DataConfig
+
+    rows = micro_batch * cfg.seq_len
+    masked = micro_batch * DataConfig(seq_len=cfg.seq_len).masked_per_seq
+    for glu in (True, False):
+        f = cfg.intermediate // 2 if glu else cfg.intermediate
+        for dtype in (torch.bfloat16, torch.float32):
+            w_in = torch.empty(cfg.intermediate, cfg.hidden, dtype=dtype, device="meta")  # [N, D]
+            w_out = torch.empty(cfg.hidden, f, dtype=dtype, device="meta")  # [D, F]
+            for m in (rows, masked):
+                x = torch.empty(m, cfg.hidden, dtype=dtype, device="meta")  # [M, D]
+                _ffn_fwd(x, w_in, w_out, glu, save=False)
+                _, h, _ = _ffn_fwd(x, w_in, w_out, glu, save=True)
+                _preact_grad(torch.empty(m, cfg.hidden, dtype=dtype, device="meta"), w_out, h, glu)
 
 
 # ----------------------------------------------------------------------------------------------------------

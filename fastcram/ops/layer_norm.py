@@ -31,13 +31,12 @@ FLOPs are about 8 per element forward and 12 backward: far below any compute roo
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAVE_TRITON, interpreting, tl, triton, triton_unavailable_reason
+from ._triton import HAVE_TRITON, interpreting, multiprocessor_count, tl, triton, triton_unavailable_reason
 
 __all__ = ["HAVE_TRITON", "layer_norm_ref", "add_layer_norm_ref", "layer_norm", "add_layer_norm"]
 
@@ -229,12 +228,11 @@ def add_layer_norm_fwd_launch(x, residual, weight, bias, eps, tile=None):
     return s, y, mean, rstd
 
 
-@functools.lru_cache(maxsize=None)
 def _stage1_programs(device: torch.device) -> int:
     """How many programs stage 1 of the backward aims for."""
-    if device.type != "cuda":
+    if device.type == "cpu":
         return 3  # interpreter: a few programs, so chunk edges and the reduction are exercised
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * multiprocessor_count(device)
 
 
 def layer_norm_bwd_launch(dy, ds, x, weight, mean, rstd, dx_dtype, dr_dtype=None, tile=None):
@@ -257,7 +255,7 @@ def layer_norm_bwd_launch(dy, ds, x, weight, mean, rstd, dx_dtype, dr_dtype=None
     dx = _alloc(x.shape, dtype=dx_dtype, device=x.device)
     dr = _alloc(x.shape if dr_dtype is not None else (0,), dtype=dr_dtype or dx_dtype, device=x.device)
     if m == 0:
-        return dx, dr, torch.zeros_like(weight), torch.zeros_like(weight)
+        return dx, dr, weight.new_zeros(weight.shape), weight.new_zeros(weight.shape)
     rows_per_prog = triton.cdiv(m, _stage1_programs(x.device))
     programs = triton.cdiv(m, rows_per_prog)
     dw_part = _alloc((programs, n), dtype=torch.float32, device=x.device)  # every row is written
@@ -275,6 +273,30 @@ def layer_norm_bwd_launch(dy, ds, x, weight, mean, rstd, dx_dtype, dr_dtype=None
     return dx, dr, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
+def compile_plan(cfg, micro_batch: int) -> None:
+    """Every launch the model makes of this file's kernels at one micro-batch, forward and backward, on meta
+    tensors: for `fastcram bench compile`, which compiles them for a GPU target without running them.
+
+    Dtypes as the model feeds them: an fp32 residual stream with bf16 branches under autocast (the stream's
+    first norms see fp32), a bf16 stream (--residual-dtype bf16), and plain fp32.
+    """
+    def t(dtype, *shape):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    f32, b16 = torch.float32, torch.bfloat16
+    tokens, hidden = micro_batch * cfg.seq_len, cfg.hidden
+    w, b = t(f32, hidden), t(f32, hidden)
+    for x_dtype in (f32, b16):  # layer_norm of the stream
+        x = t(x_dtype, tokens, hidden)
+        y, mean, rstd = layer_norm_fwd_launch(x, w, b, 1e-12)
+        layer_norm_bwd_launch(t(x_dtype, tokens, hidden), None, x, w, mean, rstd, x_dtype)
+    for x_dtype, r_dtype in ((b16, f32), (b16, b16), (f32, f32)):  # branch + stream
+        x, r = t(x_dtype, tokens, hidden), t(r_dtype, tokens, hidden)
+        s, y, mean, rstd = add_layer_norm_fwd_launch(x, r, w, b, 1e-12)
+        layer_norm_bwd_launch(t(x_dtype, tokens, hidden), t(s.dtype, tokens, hidden), s, w, mean, rstd, x_dtype,
+                              r_dtype if r_dtype != x_dtype else None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration: opaque to torch.compile (no graph break), autograd through the bwd op.
 # ----------------------------------------------------------------------------------------------------
@@ -284,10 +306,12 @@ def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return layer_norm_fwd_launch(x, weight, bias, eps)
 
 
+# The fake (meta) outputs are contiguous like the launchers' (never empty_like: it keeps a strided input's
+# strides, and compiled code would then disagree with what the kernels return).
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), stats, x.new_empty(stats.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastcram::add_layer_norm_fwd", mutates_args=())
@@ -302,7 +326,7 @@ def _(x, residual, weight, bias, eps):
         raise ValueError(f"add_layer_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return s, torch.empty_like(x), stats, torch.empty_like(stats)
+    return s, x.new_empty(x.shape), stats, x.new_empty(stats.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastcram::layer_norm_bwd", mutates_args=())
@@ -315,7 +339,8 @@ def _layer_norm_bwd(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tenso
 @_layer_norm_bwd.register_fake
 def _(dy, ds, x, weight, mean, rstd, dx_dtype, dr_dtype):
     dr = x.new_empty(x.shape if dr_dtype is not None else (0,), dtype=dr_dtype or dx_dtype)
-    return x.new_empty(x.shape, dtype=dx_dtype), dr, torch.empty_like(weight), torch.empty_like(weight)
+    dw = weight.new_empty(weight.shape)
+    return x.new_empty(x.shape, dtype=dx_dtype), dr, dw, weight.new_empty(weight.shape)
 
 
 def _ln_setup(ctx, inputs, output):

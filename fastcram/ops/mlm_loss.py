@@ -217,7 +217,8 @@ def _forward(rows, labels, weight, grad_rows: bool, grad_weight: bool, row_chunk
     d_weight = _empty((v, d), dtype, dev) if grad_weight else weight.new_empty((0,))
     acc = d_weight if dtype == torch.float32 or not grad_weight else _empty((v, d), torch.float32, dev)
     bv = block_v or _block_v(v)
-    with torch.autocast(dev.type, enabled=False):  # the chunk GEMMs run in the inputs' dtype, into out=
+    autocast_type = "cpu" if dev.type == "meta" else dev.type  # meta: `fastcram bench compile`'s launches
+    with torch.autocast(autocast_type, enabled=False):  # the chunk GEMMs run in the inputs' dtype, into out=
         for c0 in range(0, k, kc):  # static: K and Kc are shapes
             c1 = min(c0 + kc, k)
             z = logits[: c1 - c0]  # [kc, V]
@@ -242,6 +243,21 @@ def _scale_(grad, *tensors) -> None:
         n = x.numel()
         if n:  # an empty [0] stands for a gradient that was not asked for
             _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](x, s, n, BLOCK=_SCALE_BLOCK, num_warps=8)
+
+
+def compile_plan(cfg, micro_batch: int) -> None:
+    """Every kernel launch of this op at one micro-batch (K = micro_batch * masked tokens a sequence), with
+    and without gradients, bf16 and fp32, on meta tensors: for `fastcram bench compile`."""
+    from ..config import DataConfig
+
+    k = micro_batch * DataConfig(seq_len=cfg.seq_len).masked_per_seq  # the recipe's fixed mask count
+    for dtype in (torch.bfloat16, torch.float32):
+        rows = torch.empty(k, cfg.hidden, dtype=dtype, device="meta")
+        weight = torch.empty(cfg.vocab_size, cfg.hidden, dtype=dtype, device="meta")
+        labels = torch.empty(k, dtype=torch.int64, device="meta")
+        _forward(rows, labels, weight, False, False)  # evaluation
+        _, d_rows, d_weight = _forward(rows, labels, weight, True, True)  # training
+        _scale_(torch.empty((), device="meta"), d_rows, d_weight)
 
 
 # ------------------------------------------------------------------------------------------- registration

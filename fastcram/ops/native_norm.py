@@ -25,8 +25,8 @@ def _ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
 
 @_ln_fwd.register_fake
 def _(x, weight, bias, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)  # fakes are contiguous, like the kernels' outputs
+    return x.new_empty(x.shape), stats, x.new_empty(stats.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastcram::native_add_ln_fwd", mutates_args=())
@@ -38,20 +38,19 @@ def _add_ln_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, b
 @_add_ln_fwd.register_fake
 def _(x, residual, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return torch.empty_like(y), y, stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats, x.new_empty(stats.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastcram::native_ln_bwd", mutates_args=())
 def _ln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
             ds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return native.layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd,
+    return native.layer_norm_bwd(dy.contiguous(), x.contiguous(), weight, mean, rstd,
                                  None if ds is None else ds.contiguous())
 
 
 @_ln_bwd.register_fake
 def _(dy, x, weight, mean, rstd, ds):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _ln_setup(ctx, inputs, output):

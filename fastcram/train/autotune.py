@@ -1,25 +1,58 @@
-"""Start-up auto-tuning, charged to the budget: the micro-batch size and the ops backend per op."""
+"""Start-up auto-tuning, charged to the budget: the micro-batch size, then the step-level switches.
+
+Step-level tuning times the real training step (forward, backward, clipping, AdamW step; compiled as the
+run compiles it) on the run's shapes, one candidate assignment of the switches at a time:
+  1. the baseline: every op of the bundle on torch, attention and compile mode at "default";
+  2. every op on triton (--kernels auto);
+  3. compile mode reduce-overhead (CUDA graphs; --compile-mode auto, one GPU process);
+  4. each explicit attention backend (--attention auto);
+  5. each op of the bundle flipped from the best so far, the largest op first (--kernels auto);
+  6. compile mode max-autotune-no-cudagraphs (slowest to compile, last).
+Each candidate is built from the best so far; it is kept only when it is faster by more than 2% and by more
+than twice the spread (standard deviation) of the repeated timings. Rates are weighed by the compile time the
+candidate would cost the rest of the budget (tokens/s x (1 - compile_s / remaining_s)): a short budget
+prefers what compiles fast. Tuning never takes more than 5% of the budget: before each candidate its cost is
+predicted (the most any candidate took so far, or what one took on this machine before, or an assumption
+for a machine that has measured none), and candidates that would not fit are skipped, in the order above.
+
+A finished tuning is cached in the cache folder (tune_cache.py), so the next run on the same machine pays
+nothing; --retune ignores the cache.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..config import ModelConfig, RunOptions, TrainConfig
 from ..data.loader import mask_batch
+from ..errors import UserError
+from ..model import CrammedBert
 from ..observe import runlog
-from ..ops import OP_MODULES, OpsError, get_op
-from .step import build_model, make_step
+from ..ops import OP_MODULES, OpsError, get_op, get_ops, triton_unavailable_reason
+from . import switches as sw
+from . import tune_cache
+from .step import (autocast_dtype, build_model, check_attention, make_optimizer, make_step, optimizer_step,
+                   release_compiled, synthetic_batches)
 
 GPU_MICRO_BATCHES = (32, 64, 128, 256, 512, 1024)
 CPU_MICRO_BATCHES = (8, 16, 32, 64)
+TUNED = ("kernels", "attention", "compile_mode")  # the switches that accept "auto"
+# Assumed cost of measuring one candidate on a machine that has measured none yet (an assumption, not a
+# measurement: compiling crammed BERT's step takes about a minute or two); replaced by measured costs.
+PRIOR_COST_S = {"compiled": 120.0, "eager": 10.0}
 
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
+
+# ---------------------------------------------------------------- --micro-batch auto
 
 def search_micro_batch(measure: Callable[[int], float], candidates, min_gain: float = 0.03,
                        log: Callable[[str], None] = lambda s: None) -> tuple[int, list[dict]]:
@@ -74,117 +107,405 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_fwd_bwd(fn: Callable, args: list, device: str, reps: int = 10) -> float:
-    """Median seconds of one forward+backward of fn(*args)."""
-    def once():
-        out = fn(*args)
-        out = out[1] if isinstance(out, tuple) else out
-        out.float().sum().backward()
-
-    for _ in range(2):
-        once()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        once()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def tune_micro_batch(model_cfg: ModelConfig, tcfg: TrainConfig, opts: RunOptions, device: str, data,
+                     say: Callable[[str], None]) -> dict:
+    """--micro-batch auto: the step with the auto switches at their baseline, at growing sizes; sets
+    tcfg.micro_batch."""
+    say("auto-tuning the micro-batch (time counts against the budget):")
+    best, trials = _search_sizes(model_cfg, tcfg, opts, device, data, say)
+    release_compiled(device)  # the probe model is gone; so are its compiled graphs
+    tcfg.micro_batch = best
+    say(f"  -> micro-batch {best}")
+    return {"chosen": best, "trials": trials}
 
 
-def op_inputs(op: str, cfg: ModelConfig, micro_batch: int, mask_prob: float, device: str,
-              dtype: torch.dtype) -> list:
-    """Inputs with the run's real shapes for one op."""
-    n, d = micro_batch * cfg.seq_len, cfg.hidden
-    k = micro_batch * round(mask_prob * cfg.seq_len)
+def _search_sizes(model_cfg, tcfg, opts, device, data, say) -> tuple[int, list[dict]]:
+    fixed = sw.apply({k: "torch" if k == "kernels" else "default" for k in TUNED
+                      if sw.SWITCHES[k].get(model_cfg, tcfg) == sw.AUTO}, model_cfg, tcfg)[1]
+    probe = build_model(model_cfg, fixed, device)
+    step = make_step(probe, fixed, device)
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
 
-    def t(*shape, dt=dtype):
-        return torch.randn(*shape, device=device, dtype=dt, requires_grad=True)
+    def make_batch(size):
+        ids = torch.randint(max(data.special.all) + 1, data.vocab_size, (size, data.seq_len), device=device)
+        b = mask_batch(ids, opts.data, data.special, data.vocab_size, gen)
+        return b.input_ids, b.positions, b.labels
 
-    if op == "layer_norm":
-        return [t(n, d), t(d, dt=torch.float32), t(d, dt=torch.float32), cfg.norm_eps]
-    if op == "add_layer_norm":
-        return [t(n, d), t(n, d), t(d, dt=torch.float32), t(d, dt=torch.float32), cfg.norm_eps]
-    if op == "ffn":
-        w_in = torch.randn(cfg.intermediate, d, device=device, dtype=dtype) * 0.02  # [N, D]
-        w_out = torch.randn(d, cfg.ffn_out_in, device=device, dtype=dtype) * 0.02  # [D, F]
-        return [t(n, d), w_in.requires_grad_(), w_out.requires_grad_(), cfg.ffn]
-    if op == "mlm_loss":
-        labels = torch.randint(0, cfg.vocab_size, (k,), device=device)
-        return [t(k, d), labels, (torch.randn(cfg.vocab_size, d, device=device, dtype=dtype) * 0.02)
-                .requires_grad_()]
-    raise ValueError(op)
+    cands = GPU_MICRO_BATCHES if device.startswith("cuda") else CPU_MICRO_BATCHES
+    cands = [c for c in cands if c <= len(data)]
+    return search_micro_batch(
+        lambda size: measure_step_throughput(step, make_batch, probe, size, data.seq_len, device), cands, log=say)
 
 
-def choose_kernels(cfg: ModelConfig, micro_batch: int, mask_prob: float, device: str, compiled: bool,
-                   log: Callable[[str], None] = lambda s: None) -> tuple[dict, list[dict]]:
-    """Per op, the faster of triton and torch on the run's shapes. Returns (choice, timings).
+# ---------------------------------------------------------------- step-level tuning: the search
 
-    With compile on, the torch side is the compiled reference (what inductor would run in the model)."""
-    from ..ops import triton_unavailable_reason
+@dataclass
+class Measurement:
+    """One candidate's timing: tokens/s of each timed repeat, the host time of its first step (tracing and
+    compiling), the wall time of the whole measurement, or the reason it could not run."""
+    tokens_per_s: list = field(default_factory=list)
+    compile_s: float = 0.0
+    cost_s: float = 0.0
+    error: str | None = None
 
-    why = triton_unavailable_reason(device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    needed = ["layer_norm", "add_layer_norm", "ffn", "mlm_loss"]
-    choice = {op: "torch" for op in OP_MODULES}
-    rows = []
-    for op in needed:
-        row = {"op": op}
-        for backend in ("torch", "triton"):
-            if backend == "triton" and why:
-                row["triton"] = f"unavailable: {why}"
-                continue
-            try:
-                fn = get_op(op, backend)
-                if backend == "torch" and compiled:
-                    fn = torch.compile(fn, fullgraph=True, dynamic=False)
-            except OpsError as e:
-                row[backend] = f"unavailable: {e}"
-                continue
-            args = op_inputs(op, cfg, micro_batch, mask_prob, device, dtype)
-            row[backend] = round(1e3 * _time_fwd_bwd(fn, args, device), 4)  # ms
-        if isinstance(row.get("triton"), float) and row["triton"] < row["torch"]:
-            choice[op] = "triton"
-        row["chosen"] = choice[op]
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.tokens_per_s)
+
+    @property
+    def spread(self) -> float:
+        return statistics.stdev(self.tokens_per_s) if len(self.tokens_per_s) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    min_gain: float = 0.02  # a candidate must be faster by more than this fraction ...
+    spread_factor: float = 2.0  # ... and by more than this many spreads of the repeated timings
+    cap_fraction: float = 0.05  # of the budget, for all of the start-up tuning
+
+
+def effective_rate(m: Measurement, remaining_s: float) -> float:
+    """tokens/s over what is left of the budget once this candidate's compile is paid."""
+    return m.rate * max(0.0, 1.0 - m.compile_s / remaining_s) if remaining_s > 0 else m.rate
+
+
+def verdict(new: Measurement, best: Measurement, remaining_s: float, rule: Rule) -> tuple[bool, str]:
+    """Whether `new` beats `best` by the 2% / spread rule, and why in words."""
+    a, b = effective_rate(best, remaining_s), effective_rate(new, remaining_s)
+    gain, noise = b - a, rule.spread_factor * max(new.spread, best.spread)
+    if gain <= rule.min_gain * a:
+        return False, f"{100 * gain / a:+.1f}%: not more than {100 * rule.min_gain:.0f}% faster"
+    if gain <= noise:
+        return False, f"{100 * gain / a:+.1f}%: within {rule.spread_factor:g}x the spread ({noise:,.0f} tok/s)"
+    return True, f"{100 * gain / a:+.1f}%: kept"
+
+
+@dataclass(frozen=True)
+class Move:
+    """One step of the plan: from the best assignment so far, set `settings` (or flip one op)."""
+    what: str  # for the log: "all ops triton", "attention=cudnn", "flip mlm_loss", ...
+    settings: dict = field(default_factory=dict)
+    flip_op: str | None = None
+
+    def apply(self, best: dict) -> dict:
+        cand = {**best, **self.settings}
+        if self.flip_op:
+            key = sw.OP_PREFIX + self.flip_op
+            cand[key] = "triton" if best.get(key) == "torch" else "torch"
+        return cand
+
+
+def plan(auto: set, ops_by_size: list[str], flippable: set, device: str, compiled: bool,
+         distributed: bool) -> tuple[dict, list[Move]]:
+    """The baseline assignment and the moves, in order of expected gain (see the module docstring)."""
+    cuda = device.startswith("cuda")
+    baseline: dict = {}
+    if "kernels" in auto:
+        baseline.update({sw.OP_PREFIX + op: "torch" for op in ops_by_size})
+    if "attention" in auto:
+        baseline["attention"] = "default"
+    if "compile_mode" in auto:
+        baseline["compile_mode"] = "default"
+    moves: list[Move] = []
+    tri = [op for op in ops_by_size if op in flippable]
+    if "kernels" in auto and tri:
+        moves.append(Move("all ops triton", {sw.OP_PREFIX + op: "triton" for op in tri}))
+    graphs = "compile_mode" in auto and compiled
+    if graphs and cuda and not distributed:  # CUDA graphs under DDP's gradient hooks: not tried
+        moves.append(Move("compile_mode=reduce-overhead", {"compile_mode": "reduce-overhead"}))
+    if "attention" in auto:
+        for name in (("cudnn", "flash", "efficient") if cuda else ("flash", "math")):
+            moves.append(Move(f"attention={name}", {"attention": name}))
+    if "kernels" in auto and len(tri) > 1:
+        moves += [Move(f"flip {op}", flip_op=op) for op in tri]
+    if graphs:
+        moves.append(Move("compile_mode=max-autotune-no-cudagraphs",
+                          {"compile_mode": "max-autotune-no-cudagraphs"}))
+    return baseline, moves
+
+
+@dataclass
+class SearchResult:
+    choice: dict
+    rows: list  # one per candidate: what, settings, tokens/s, spread, compile_s, cost_s, result
+    spent_s: float  # measured cost of the candidates (the tuning time)
+    complete: bool  # every planned candidate was measured (nothing skipped by the cap)
+
+
+def search(baseline: dict, moves: list[Move], measure: Callable[[dict], Measurement], cap_s: float,
+           prior_cost_s: float, remaining_s: float, rule: Rule = Rule(),
+           log: Callable[[str], None] = lambda s: None) -> SearchResult:
+    """Measure the baseline, then each move from the best so far, within cap_s seconds of measuring.
+
+    Only measurements (their cost_s) advance the tuning clock, so every rank of a distributed run that sees
+    the same (rank 0's) measurements takes the same decisions."""
+    rows: list[dict] = []
+    tried: set = set()
+    best, best_m, spent, complete = dict(baseline), None, 0.0, True
+    costs: list[float] = []
+    for move in [Move("baseline")] + moves:
+        cand = move.apply(best)
+        frozen = frozenset(cand.items())
+        if frozen in tried:
+            continue
+        predicted = max(costs) if costs else prior_cost_s
+        if spent + predicted > cap_s:
+            rows.append({"what": move.what, "settings": cand, "result": f"skipped: it would pass the "
+                         f"{100 * rule.cap_fraction:g}% cap ({spent:.0f} s + ~{predicted:.0f} s > {cap_s:.0f} s)"})
+            log(f"  {move.what}: skipped (tuning cap {cap_s:.0f} s)")
+            complete = False
+            continue
+        tried.add(frozen)
+        m = measure(cand)
+        spent += m.cost_s
+        costs.append(m.cost_s)
+        row = {"what": move.what, "settings": cand, "compile_s": round(m.compile_s, 3), "cost_s": round(m.cost_s, 3)}
+        if m.error:
+            row["result"] = f"failed: {m.error}"
+            log(f"  {move.what}: failed ({m.error})")
+        else:
+            row.update(tokens_per_s=round(m.rate, 1), spread=round(m.spread, 1),
+                       repeats=[round(r, 1) for r in m.tokens_per_s])
+            if best_m is None:
+                keep, why = True, "reference"
+            else:
+                keep, why = verdict(m, best_m, remaining_s, rule)
+            row["result"] = why
+            if keep:
+                best, best_m = cand, m
+            log(f"  {move.what}: {m.rate:,.0f} tok/s (spread {m.spread:,.0f}, compile {m.compile_s:.1f} s) -> {why}")
         rows.append(row)
-        def show(v):
-            return f"{v} ms" if isinstance(v, float) else str(v)
-        log(f"  {op}: torch {show(row['torch'])}, triton {show(row.get('triton'))} -> {choice[op]}")
-    return choice, rows
+    return SearchResult(best, rows, spent, complete)
 
 
-def tune(model_cfg: ModelConfig, tcfg: TrainConfig, opts: RunOptions, device: str, data) -> tuple[dict | None, dict]:
-    """`--kernels auto` and `--micro-batch auto`, before the real model is built; returns (per_op, report)."""
-    report: dict = {}
-    per_op = None
+# ---------------------------------------------------------------- the ops a model uses
+
+def used_ops(model_cfg: ModelConfig, mask_prob: float = 0.25) -> list[str]:
+    """The ops of the bundle this model calls, largest first (bytes of their inputs in one forward).
+
+    Found by running the model once on the meta device (shapes only, no memory, no compute) with an ops
+    bundle that records its calls, so a new or renamed op needs no list here."""
+    base = get_ops("torch")
+    volume: dict[str, int] = {}
+
+    def recorder(op: str, fn: Callable) -> Callable:
+        def record(*args, **kwargs):
+            volume[op] = volume.get(op, 0) + sum(a.numel() * a.element_size() for a in args
+                                                 if isinstance(a, torch.Tensor))
+            return fn(*args, **kwargs)
+        return record
+
+    ops = dataclasses.replace(base, **{op: recorder(op, getattr(base, op)) for op in OP_MODULES})
+    B, L = 2, model_cfg.seq_len
+    m = max(1, round(mask_prob * L))
+    with torch.device("meta"):
+        model = CrammedBert(model_cfg, ops)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        positions = (torch.arange(m).unsqueeze(0) + L * torch.arange(B).unsqueeze(1)).reshape(-1)  # [B * m]
+        model(ids, positions, torch.zeros(B * m, dtype=torch.long))
+    return sorted(volume, key=lambda op: -volume[op])
+
+
+def triton_ops(ops: list[str], device: str) -> set:
+    """Those of `ops` with a Triton implementation usable on this device."""
+    if triton_unavailable_reason(device):
+        return set()
+    out = set()
+    for op in ops:
+        try:
+            get_op(op, "triton")
+            out.add(op)
+        except OpsError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------- step-level tuning: the real timing
+
+@dataclass(frozen=True)
+class TimingPlan:
+    warmup: int  # untimed steps first: the first compiles; reduce-overhead records its CUDA graphs later
+    repeats: int  # timed repeats (their spread is the noise the 2% rule must clear)
+    steps: int  # steps per repeat
+
+    @staticmethod
+    def for_device(device: str) -> "TimingPlan":
+        return TimingPlan(3, 5, 10) if device.startswith("cuda") else TimingPlan(2, 3, 2)
+
+
+def measure_candidate(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, next_batch: Callable,
+                      timing: TimingPlan, masked_per_seq: int) -> Measurement:
+    """Build, compile and time one assignment's whole training step; failures become the row's reason."""
     t0 = time.perf_counter()
-    say = (lambda m: runlog.say(opts.progress, m))
+    tokens = tcfg.micro_batch * model_cfg.seq_len
+    m = Measurement()
+    model = optimizer = one = None
+    try:
+        torch.manual_seed(tcfg.seed)
+        model = build_model(model_cfg, tcfg, device)
+        check_attention(tcfg.attention, model_cfg, device, autocast_dtype(tcfg, device), masked_per_seq)
+        optimizer = make_optimizer(model, tcfg, device)
+        one = optimizer_step(model, optimizer, make_step(model, tcfg, device), tcfg)
+        model.train()
+        tc = time.perf_counter()
+        loss = one(next_batch())
+        m.compile_s = time.perf_counter() - tc
+        for _ in range(timing.warmup - 1):
+            loss = one(next_batch())
+        _sync(device)
+        for _ in range(timing.repeats):
+            tr = time.perf_counter()
+            for _ in range(timing.steps):
+                loss = one(next_batch())
+            _sync(device)
+            m.tokens_per_s.append(tokens * timing.steps / (time.perf_counter() - tr))
+        if not math.isfinite(float(loss)):
+            m.error, m.tokens_per_s = f"the loss is {float(loss)}", []
+    except UserError as e:
+        m.error = str(e)
+    except Exception as e:  # one broken candidate must not stop the run: it is reported and not chosen
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        m.error = "out of memory" if is_oom(e) else f"{type(e).__name__}: {first}"[:300]
+        m.tokens_per_s = []
+    finally:
+        del model, optimizer, one
+        release_compiled(device)
+    m.cost_s = time.perf_counter() - t0
+    return m
+
+
+# ---------------------------------------------------------------- the entry point
+
+@dataclass
+class Tuning:
+    """What start-up tuning decided: the switch values set in tcfg, how each was chosen, the log report."""
+    how: dict  # switch key (and "micro_batch") -> "flag" | "default" | "measured" | "cache" | ...
+    report: dict
+    seconds: float = 0.0
+
+
+def _requested(model_cfg: ModelConfig, tcfg: TrainConfig) -> dict:
+    return {**sw.current(model_cfg, tcfg), "norm_kernels": tcfg.norm_kernels}
+
+
+def tune(model_cfg: ModelConfig, tcfg: TrainConfig, opts: RunOptions, device: str, data,
+         share: Callable = lambda obj: obj, world_size: int = 1, write_cache: bool = True,
+         now: Callable[[], float] = time.perf_counter, measure: Callable[[dict], Measurement] | None = None,
+         cache_root: str | None = None) -> Tuning:
+    """--micro-batch auto, then the switches set to auto (cache, or measured), before the real model is built.
+
+    Sets tcfg.micro_batch, per_op, attention and compile_mode to the chosen values. `share(obj)` returns rank
+    0's copy of obj (identity for one process); only the process with write_cache writes the cache folder;
+    `measure` replaces the real timing (tests)."""
+    say = (lambda msg: runlog.say(opts.progress, msg))
+    t0 = now()
+    given = set(opts.flags_given)
+    how = {key: ("flag" if key in given else "default") for key in sw.SWITCHES}
+    how["micro_batch"] = "flag" if "micro_batch" in given else "preset"
+    report: dict = {}
     if tcfg.micro_batch_auto:
-        say("auto-tuning the micro-batch (time counts against the budget):")
-        probe = build_model(model_cfg, dataclasses.replace(tcfg, kernels="torch" if tcfg.kernels == "auto"
-                                                           else tcfg.kernels), device)
-        step = make_step(probe, tcfg, device)
-        gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+        report["micro_batch"] = tune_micro_batch(model_cfg, tcfg, opts, device, data, say)
+        how["micro_batch"] = "measured"
+        tcfg.micro_batch_auto = False  # the chosen size is what config.json records
+    auto = {key for key in TUNED if sw.SWITCHES[key].get(model_cfg, tcfg) == sw.AUTO}
+    if auto:
+        report["step"] = _tune_step(model_cfg, tcfg, opts, device, data, auto, how, share, world_size,
+                                    write_cache, now() - t0, measure, cache_root, say)
+    seconds = now() - t0
+    report["seconds"] = round(seconds, 3)
+    return Tuning(how, report, seconds)
 
-        def make_batch(size):
-            ids = torch.randint(max(data.special.all) + 1, data.vocab_size, (size, data.seq_len), device=device)
-            b = mask_batch(ids, opts.data, data.special, data.vocab_size, gen)
-            return b.input_ids, b.positions, b.labels
 
-        cands = GPU_MICRO_BATCHES if device.startswith("cuda") else CPU_MICRO_BATCHES
-        cands = [c for c in cands if c <= len(data)]
-        best, trials = search_micro_batch(
-            lambda size: measure_step_throughput(step, make_batch, probe, size, data.seq_len, device), cands,
-            log=say)
-        tcfg.micro_batch = best
-        report["micro_batch"] = {"chosen": best, "trials": trials}
-        del probe, step
-        say(f"  -> micro-batch {best}")
-    if tcfg.kernels == "auto":
-        say("timing triton vs torch per op on this run's shapes:")
-        per_op, rows = choose_kernels(model_cfg, tcfg.micro_batch, opts.data.mask_prob, device, tcfg.compile,
-                                         log=say)
-        report["kernels"] = {"chosen": per_op, "timings_ms": rows}
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    return per_op, report
+def _tune_step(model_cfg, tcfg, opts, device, data, auto, how, share, world_size, write_cache, spent_s,
+               measure, cache_root, say) -> dict:
+    key = tune_cache.result_key(device, model_cfg, tcfg.micro_batch, world_size, _requested(model_cfg, tcfg),
+                                opts.data.mask_prob)
+    path = tune_cache.result_path(key, cache_root)
+    cached = None if tcfg.retune else share(tune_cache.load_result(key, cache_root))
+    if cached is not None:
+        _set_choice(model_cfg, tcfg, cached["choice"], auto)
+        how.update({k: "cache" for k in auto})
+        say(f"step-level switches from the tuning cache ({path}): {sw.label(cached['choice'])}")
+        return {"cache": "hit", "cache_file": path, "choice": cached["choice"], "measured_on": cached.get("date")}
+    ops = used_ops(model_cfg, opts.data.mask_prob)
+    fixed = set(("layer_norm", "add_layer_norm") if tcfg.norm_kernels else ()) | set(tcfg.per_op or {})
+    ops = [op for op in ops if op not in fixed]
+    flippable = triton_ops(ops, device) if "kernels" in auto else set()
+    baseline, moves = plan(auto, ops, flippable, device, tcfg.compile, world_size > 1)
+    if not moves:  # e.g. --kernels auto where Triton cannot run: one candidate, nothing to time it against
+        _set_choice(model_cfg, tcfg, baseline, auto)
+        how.update({k: "baseline: no alternative to measure here" for k in auto})
+        say(f"auto: no alternative to measure here (Triton unavailable?): {sw.label(baseline)}")
+        return {"cache": None, "choice": baseline, "candidates": []}
+    cap_s = Rule().cap_fraction * tcfg.budget_s - share(spent_s)  # rank 0's figures: every rank decides alike
+    remaining_s = tcfg.budget_s - Rule().cap_fraction * tcfg.budget_s
+    cost_key = tune_cache.cost_key(device, model_cfg, tcfg.micro_batch, tcfg.compile)
+    prior = share(tune_cache.load_cost(cost_key, cache_root))
+    prior_s = prior if prior is not None else PRIOR_COST_S["compiled" if tcfg.compile else "eager"]
+    say(f"auto-tuning {', '.join(sorted(auto))} by timing whole training steps (at most {cap_s:.0f} s, 5% of the "
+        f"budget; one candidate ~{prior_s:.0f} s{'' if prior is not None else ', assumed: none measured here yet'}):")
+    if measure is None:
+        special = data.special
+        next_batch = synthetic_batches(model_cfg, tcfg.micro_batch, device, special, opts.data.mask_prob,
+                                       seed=tcfg.seed)
+        timing = TimingPlan.for_device(device)
+
+        def measure(cand: dict) -> Measurement:
+            m_cfg, t_cfg = sw.apply(cand, model_cfg, tcfg)
+            return measure_candidate(m_cfg, t_cfg, device, next_batch, timing, opts.data.masked_per_seq)
+    result = search(baseline, moves, lambda cand: share(measure(cand)), cap_s, prior_s, remaining_s, log=say)
+    _set_choice(model_cfg, tcfg, result.choice, auto)
+    how.update({k: "measured" for k in auto})
+    if not any("tokens_per_s" in r for r in result.rows):
+        how.update({k: "baseline: nothing measured within the 5% cap" for k in auto})
+    costs = [r["cost_s"] for r in result.rows if "cost_s" in r]
+    out = {"cache": "retune" if tcfg.retune else "miss", "cache_file": None, "choice": result.choice,
+           "candidates": result.rows, "cap_s": round(cap_s, 3), "predicted_cost_s": round(prior_s, 3),
+           "seconds": round(result.spent_s, 3), "complete": result.complete}
+    if costs and write_cache:
+        tune_cache.save_cost(cost_key, max(costs), cache_root)
+    if write_cache and result.complete and any("tokens_per_s" in r for r in result.rows):
+        out["cache_file"] = tune_cache.save_result(key, {"choice": result.choice, "candidates": result.rows,
+                                                         "date": time.strftime("%Y-%m-%d %H:%M:%S")}, cache_root)
+    say(f"  -> {sw.label(result.choice)}")
+    return out
+
+
+def _set_choice(model_cfg: ModelConfig, tcfg: TrainConfig, choice: dict, auto: set) -> None:
+    """Write the chosen values into tcfg (what config.json records and the model is built with)."""
+    _, chosen = sw.apply(choice, model_cfg, tcfg)
+    if "kernels" in auto:
+        tcfg.per_op = {**(tcfg.per_op or {}), **(chosen.per_op or {})}
+    if "attention" in auto:
+        tcfg.attention = chosen.attention
+    if "compile_mode" in auto:
+        tcfg.compile_mode = chosen.compile_mode
+
+
+def cached_choice(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, mask_prob: float, world_size: int = 1,
+                  cache_root: str | None = None) -> tuple[dict | None, str]:
+    """(the choice a finished tuning cached for exactly this request, or None; the cache file it would be in).
+
+    tcfg holds the request as a run makes it (its auto switches still "auto"): what the step benchmark's
+    `fastcram` variant looks up to time fastcram as a run on this machine would start."""
+    key = tune_cache.result_key(device, model_cfg, tcfg.micro_batch, world_size, _requested(model_cfg, tcfg),
+                                mask_prob)
+    cached = tune_cache.load_result(key, cache_root)
+    return (cached["choice"] if cached else None), tune_cache.result_path(key, cache_root)
+
+
+def resumed() -> Tuning:
+    """A resumed run keeps the switches and micro-batch its saved configuration records."""
+    return Tuning({**{key: "resumed" for key in sw.SWITCHES}, "micro_batch": "resumed"}, {})
+
+
+def switch_record(model_cfg: ModelConfig, tcfg: TrainConfig, how: dict, ops_choice: dict) -> dict:
+    """The run log header's record of every switch: its value and how it was chosen. The kernels value is
+    the backend of each op, as the bundle the model runs on has it."""
+    values = sw.current(model_cfg, tcfg)
+    rec = {key: {"value": values[key], "how": how.get(key, "default")} for key in sw.SWITCHES}
+    rec["kernels"]["value"] = dict(ops_choice)
+    if tcfg.norm_kernels:
+        rec["kernels"]["norm_kernels"] = tcfg.norm_kernels
+    rec["micro_batch"] = {"value": tcfg.micro_batch, "how": how.get("micro_batch", "preset")}
+    return rec

@@ -57,6 +57,15 @@ def agree(ctx: DistContext, progress: float, flags: list[bool]) -> tuple[float, 
     return float(t[0]), [bool(v > 0) for v in t[1:].tolist()]
 
 
+def broadcast_object(ctx: DistContext, obj):
+    """Rank 0's obj on every rank (a pickled broadcast over the host-side group); obj itself for one process."""
+    if not ctx.enabled:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+    return box[0]
+
+
 def mean_across(ctx: DistContext, value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (for log records only: it synchronises)."""
     if not ctx.enabled:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..config import RunOptions, preset, to_dict
-from ..data.builtin import builtin_data
+from ..data.builtin import builtin_data, writable_cache_dir
 from ..data.loader import BlockDataset, BlockLoader, ShardError, mask_batch
 from ..errors import UserError
 from ..files import WriteError, atomic_write_json
@@ -28,11 +28,14 @@ from ..observe.profiling import ProfileWindow, format_breakdown, parse_window
 from ..observe.runlog import NullLog, RunLog, log_record, progress_line, say
 from ..observe.telemetry import TelemetrySampler
 from . import checkpoint as ckpt
-from .autotune import tune
-from .distributed import DistContext, agree, init_from_env, mean_across, rank_slice, shutdown
+from . import autotune
+from .compile_cache import compile_caches, describe as describe_caches
+from .distributed import DistContext, agree, broadcast_object, init_from_env, mean_across, rank_slice, shutdown
 from .run_folder import open_checkpoint, open_run, restore_options, saved_config
 from .schedule import BudgetClock, accumulation_steps, lr_multiplier
-from .step import NonFiniteGuard, build_model, make_optimizer, make_step, resolve_device
+from .switches import AUTO
+from .step import (NonFiniteGuard, autocast_dtype, build_model, check_attention, make_optimizer, make_step,
+                   resolve_device)
 
 
 class StopRequest:
@@ -61,23 +64,20 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     ctx = init_from_env("cuda" if resolve_device(tcfg.device).startswith("cuda") else "cpu")
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(opts, ctx, now)
+        with compile_caches() as caches:  # inductor's and Triton's compile caches in the cache folder
+            return Training(opts, ctx, now, caches).run()
     finally:
         if torch.are_deterministic_algorithms_enabled() != deterministic_before:  # (the call imports inductor:
             torch.use_deterministic_algorithms(deterministic_before)  # not after a Ctrl-C cut an import short)
         shutdown(ctx)
 
 
-def _train(opts: RunOptions, ctx: DistContext, now: Callable[[], float]) -> dict:
-    return Training(opts, ctx, now).run()
-
-
 class Training:
     """One run, set up top-down (run folder -> data -> budget clock -> model and compiled step -> logs and
     checkpoints), then the loop, then the ending: a signal's checkpoint, a stop, or the final checkpoint."""
 
-    def __init__(self, opts: RunOptions, ctx: DistContext, now: Callable[[], float]):
-        self.ctx, self.now, self.main, self.opts = ctx, now, ctx.is_main, opts
+    def __init__(self, opts: RunOptions, ctx: DistContext, now: Callable[[], float], caches: dict | None = None):
+        self.ctx, self.now, self.main, self.opts, self.caches = ctx, now, ctx.is_main, opts, caches or {}
         self.run_dir, resumed = open_run(opts, check_existing=self.main)
         self.resumed = open_checkpoint(self.run_dir, self.warn, opts.trust_checkpoint) if resumed else None
         if resumed:  # config.json, or the checkpoint's copy of it when config.json is damaged
@@ -87,6 +87,7 @@ class Training:
                           f"starting it again from step 0 with its saved configuration")
         self.tcfg = self.opts.train
         self._check_options()
+        self._check_cache_folder()
         self.device = self._device()
         self._open_data()
         self.spent = spent = self.resumed["elapsed_s"] if self.resumed else 0.0
@@ -115,6 +116,16 @@ class Training:
         if tcfg.deterministic and not tcfg.max_steps:
             raise UserError("--deterministic needs --max-steps: its schedules follow the step count, not the clock")
 
+    def _check_cache_folder(self) -> None:
+        """The compile caches and the tuning cache live in the cache folder: when this run writes there, the
+        folder is checked before any work (one line naming FASTCRAM_CACHE when it cannot be written)."""
+        tcfg = self.tcfg
+        tuning = self.resumed is None and (tcfg.micro_batch_auto or any(
+            getattr(tcfg, k) == AUTO for k in autotune.TUNED))
+        compiling = tcfg.compile and any(v["set_by"].startswith("fastcram") for v in self.caches.values())
+        if self.main and (tuning or compiling):
+            writable_cache_dir()
+
     def _device(self) -> str:
         device = resolve_device(self.tcfg.device)
         if device == "cuda" and self.ctx.enabled:
@@ -127,7 +138,9 @@ class Training:
     def _open_data(self) -> None:
         """Tokenizer + data; preparing the built-in corpus is one-time set-up, outside the budget."""
         opts, ctx = self.opts, self.ctx
-        self.model_cfg = preset(opts.preset).model
+        saved = self.resumed["config"].get("model", {}) if self.resumed else {}
+        overrides = {**opts.model_overrides, **{k: saved[k] for k in ("sparse_last_layer",) if k in saved}}
+        self.model_cfg = dataclasses.replace(preset(opts.preset).model, **overrides)
         if opts.data_dir is None and not self.main:
             torch.distributed.barrier()  # rank 0 prepares the built-in corpus first
         self.data_dir = opts.data_dir or builtin_data(self.model_cfg.vocab_size, opts.data,
@@ -141,19 +154,28 @@ class Training:
         opts.data.seq_len = self.data.seq_len
 
     def _build_model(self) -> None:
-        """The model with its ops backend (maybe auto-tuned), the optimizer, the compiled step and the loader."""
+        """The step-level switches (flags, the tuning cache, or measured), the model on its ops bundle, the
+        optimizer, the compiled step and the loader."""
         tcfg, ctx, device = self.tcfg, self.ctx, self.device
-        per_op, self.tuning = None, {}
+        t0 = self.now()
         if self.resumed is not None:
             per_op = self.resumed["ops"]  # the resumed run keeps its kernel choice and micro-batch
-        elif tcfg.kernels == "auto" or tcfg.micro_batch_auto:
-            if ctx.enabled:
-                raise UserError("--kernels auto and --micro-batch auto run on one process; tune with one GPU, "
-                                "then pass the chosen values to the multi-GPU run")
-            per_op, self.tuning = tune(self.model_cfg, tcfg, self.opts, device, self.data)
-            tcfg.micro_batch_auto = False  # the chosen size is what config.json records
+            self.tuning = autotune.resumed()
+        else:
+            if tcfg.micro_batch_auto and ctx.enabled:
+                raise UserError("--micro-batch auto runs on one process; tune with one GPU, then pass the chosen "
+                                "--micro-batch to the multi-GPU run")
+            per_op = None
+            self.tuning = autotune.tune(self.model_cfg, tcfg, self.opts, device, self.data,
+                                        share=lambda obj: broadcast_object(ctx, obj), world_size=ctx.world,
+                                        write_cache=self.main)
+        t1 = self.now()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)  # the peak of the run's own step, not of the tuning
         torch.manual_seed(tcfg.seed)
         self.model = build_model(self.model_cfg, tcfg, device, per_op)
+        check_attention(tcfg.attention, self.model_cfg, device, autocast_dtype(tcfg, device),
+                        self.opts.data.masked_per_seq)
         self.optimizer = make_optimizer(self.model, tcfg, device)
         self.mask_gen = torch.Generator(device=device)
         self.mask_gen.manual_seed(tcfg.seed + 1)
@@ -167,6 +189,7 @@ class Training:
         self.global_micro = tcfg.micro_batch * ctx.world  # every rank loads the global micro-batch, keeps its rows
         self.loader = BlockLoader(self.data, self.global_micro, tcfg.seed, self.state.position,
                                   pin=device.startswith("cuda"))
+        self.startup = {"tuning_s": round(t1 - t0, 3), "build_s": round(self.now() - t1, 3)}
 
     def _open_outputs(self) -> None:
         """Run folder: config, log header, telemetry, profiler (rank 0 writes; every rank samples its GPU)."""
@@ -182,17 +205,21 @@ class Training:
             self.say(f"fastcram: resuming a run saved with {resumed['config'].get('world_size', 1)} process(es) "
                      f"on {ctx.world}: the data continues from the same block, in global micro-batches of "
                      f"{self.global_micro}")
+        self.switches = switches = autotune.switch_record(self.model_cfg, tcfg, self.tuning.how,
+                                                          self.model.ops.choice)
         self.log.write({"event": "start" if resumed is None else "resume", "config": self.config, **self.env,
-                        "ops": self.model.ops.choice, "budget_spent_s": round(self.spent, 3),
-                        "autotune": self.tuning or None, "world_size": ctx.world,
+                        "ops": self.model.ops.choice, "switches": switches, "step": self.step_fn.settings,
+                        "budget_spent_s": round(self.spent, 3), "autotune": self.tuning.report or None,
+                        "compile_caches": self.caches, "world_size": ctx.world,
                         "checkpoint": resumed.get("_path") if resumed else None})
         self.fpt = flops_per_token(self.model_cfg, opts.data.mask_prob)
         peak = peak_tflops(self.env["device"] if device.startswith("cuda") else None, opts.peak_tflops)
         self.peak = peak * ctx.world if peak else None  # MFU of the whole world
         self.say(f"fastcram: {opts.preset} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params) "
                  f"on {self.env['device']}" + (f" x {ctx.world} processes" if ctx.enabled else "") +
-                 f", kernels {tcfg.kernels}, compile {tcfg.compile}, micro-batch {tcfg.micro_batch}, budget "
-                 f"{tcfg.budget_s / 60:.1f} min, run folder {self.run_dir}")
+                 f", micro-batch {tcfg.micro_batch}, budget {tcfg.budget_s / 60:.1f} min, run folder {self.run_dir}"
+                 f"\n  switches: " + ", ".join(f"{k} {self._show(v['value'])} ({v['how']})" for k, v in switches.items())
+                 + (f"\n  compile caches: {describe_caches(self.caches)}" if self.caches else ""))
         self.profiler = None
         if tcfg.profile_steps and self.main:
             a, b = parse_window(tcfg.profile_steps)
@@ -206,6 +233,13 @@ class Training:
             "path": resumed["_path"], "step": resumed["step"], "budget_spent_s": resumed["elapsed_s"]}
         self.data_error: ShardError | None = None
         self.guard = NonFiniteGuard(self.optimizer, device, tcfg.max_bad_steps, check_loss=not ctx.enabled)
+
+    @staticmethod
+    def _show(value) -> str:
+        if isinstance(value, dict):  # kernels: op -> backend; "triton" when they all agree
+            return next(iter(set(value.values()))) if len(set(value.values())) == 1 else \
+                "+".join(f"{op}:{b}" for op, b in value.items())
+        return str(value)
 
     # ------------------------------------------------------------ the loop
 
@@ -266,6 +300,23 @@ class Training:
             except ShardError as e:  # raised by the loader before the batch is used: the state is the step's start
                 self.data_error = e
                 return "bad-data"
+            if "first_step_s" not in self.startup:
+                self._log_startup(t)
+
+    def _log_startup(self, t_first_step: float) -> None:
+        """Start-up as its own figure, once the first step (where torch.compile builds the graphs) is done:
+        tuning, building the model, the first step (host time, no sync), and all of it as budget time."""
+        self.startup.update(first_step_s=round(self.now() - t_first_step, 3),
+                            startup_s=round(self.clock.elapsed() - self.spent, 3))
+        self.log.write({"event": "startup", **self.startup})
+        self.say(f"start-up {self.startup['startup_s']:.1f} s: tuning {self.startup['tuning_s']:.1f} s, model "
+                 f"{self.startup['build_s']:.1f} s, first step (compile) {self.startup['first_step_s']:.1f} s")
+
+    def _peak_mem_mib(self) -> float | None:
+        """The allocator's peak since the run's model was built (a host-side counter: no sync)."""
+        if not self.device.startswith("cuda"):
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
 
     def _progress(self) -> float:  # deterministic runs follow the step count, others the budget clock
         return self.state.step / self.tcfg.max_steps if self.tcfg.deterministic else self.clock.progress()
@@ -327,6 +378,7 @@ class Training:
         loss = mean_across(self.ctx, self.loss_sum)
         rec = log_record(self.state, self.interval, loss, self.grad_norm, self.lr, self.accum, self.global_micro,
                           self.clock, t, self.data.seq_len, self.fpt, self.peak, skipped)
+        rec["peak_mem_mib"] = self._peak_mem_mib()
         self.first_loss = rec["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = rec["loss"] if rec["loss"] is not None else self.last_loss
         self.log.write(rec)
@@ -455,7 +507,9 @@ class Training:
                    "first_logged_loss": self.first_loss, "final_loss": self.last_loss,
                    "skipped_steps": self.guard.total, "final_checkpoint": final_path, "device": self.env["device"],
                    "ops": self.model.ops.choice, "telemetry": self.telemetry.summary(tokens),
-                   "profile": self.profile_result, "exit_code": 0}
+                   "switches": {k: v["value"] for k, v in self.switches.items()},
+                   "profile": self.profile_result, "startup": self.startup, "peak_mem_mib": self._peak_mem_mib(),
+                   "flops_per_token": self.fpt, "exit_code": 0}
         if self.main:
             try:
                 atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
