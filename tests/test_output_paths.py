@@ -127,12 +127,14 @@ def test_eval_glue_default_report_in_a_full_run_folder(a_run, small_disk, capsys
     _check(capsys, rc, "--out", os.path.join(run, "glue.json"), "(ENOSPC)")
 
 
-@pytest.mark.parametrize("kind", ["kernels", "step"])
+@pytest.mark.parametrize("kind", ["kernels", "step", "compile"])
 @pytest.mark.parametrize("place", ["a-folder", "under-a-file", "read-only", "full-disk"])
 def test_bench_csv(places, capsys, kind, place):
     path, _, says = places[place]
-    extra = ["--quick", "--ops", "layer_norm"] if kind == "kernels" else ["--steps", "1", "--repeats", "1"]
-    rc = main(["bench", kind, "--csv", path, "--device", "cpu", "--no-compile", *extra])
+    extra = {"kernels": ["--quick", "--ops", "layer_norm", "--device", "cpu", "--no-compile"],
+             "step": ["--steps", "1", "--repeats", "1", "--device", "cpu", "--no-compile"],
+             "compile": ["--ops", "layer_norm", "--micro-batches", "8"]}[kind]
+    rc = main(["bench", kind, "--csv", path, *extra])
     _check(capsys, rc, "--csv", path, says)
 
 
@@ -163,14 +165,31 @@ def test_export_hf_out(a_run, places, tmp_path, capsys, place):
     _check(capsys, rc, "--out", path, says)
 
 
+@pytest.mark.parametrize("uses", ["built-in-corpus", "compile-caches", "eager", "tuning-cache"])
 @pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
-def test_cache_folder(places, tmp_path, monkeypatch, capsys, place):
+def test_cache_folder(small_data, places, tmp_path, monkeypatch, capsys, place, uses):
     _, path, says = places[place]
     monkeypatch.setenv("FASTCRAM_CACHE", path)
-    rc = main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu", "--no-compile",
-               "--minutes", "1", "--quiet"])
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    how = {"built-in-corpus": ["--no-compile"], "compile-caches": ["--data", small_data, "--compile"],
+           "eager": ["--data", small_data, "--no-compile"],  # importing torch's compiler makes inductor's folder
+           "tuning-cache": ["--data", small_data, "--no-compile", "--micro-batch", "auto"]}[uses]
+    rc = main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu", "--minutes", "1",
+               "--quiet", *how])
     line = error_line(capsys)
     assert rc == 2 and f"FASTCRAM_CACHE={path}" in line and says in line, line
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")  # checked before any work
+
+
+def test_a_tuning_cache_that_cannot_be_written_is_said_and_not_fatal(small_disk, capsys):
+    from fastcram.train import tune_cache
+    disk = small_disk(1 << 20)
+    disk.fill()
+    assert tune_cache.save_result({"k": 1}, {"choice": {"kernels": "torch"}}, root=disk.root) is None
+    tune_cache.save_cost("abc", 1.5, root=disk.root)
+    err = capsys.readouterr().err
+    assert err.count("tuning cache: cannot write") == 2 and "(ENOSPC)" in err and "not remembered" in err
 
 
 # ---------------------------------------------------------------- other bad input that used to crash

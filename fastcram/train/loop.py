@@ -118,12 +118,14 @@ class Training:
 
     def _check_cache_folder(self) -> None:
         """The compile caches and the tuning cache live in the cache folder: when this run writes there, the
-        folder is checked before any work (one line naming FASTCRAM_CACHE when it cannot be written)."""
+        folder is checked before any work (one line naming FASTCRAM_CACHE when it cannot be written). Importing
+        torch's compiler (the fused AdamW does) creates inductor's cache folder, so any run whose compile caches
+        fastcram placed writes there, compiled or not."""
         tcfg = self.tcfg
         tuning = self.resumed is None and (tcfg.micro_batch_auto or any(
             getattr(tcfg, k) == AUTO for k in autotune.TUNED))
-        compiling = tcfg.compile and any(v["set_by"].startswith("fastcram") for v in self.caches.values())
-        if self.main and (tuning or compiling):
+        placed = any(v["set_by"].startswith("fastcram") for v in self.caches.values())
+        if self.main and (tuning or placed):
             writable_cache_dir()
 
     def _device(self) -> str:
