@@ -123,6 +123,22 @@ def test_a_benchmark_csv_that_fills_the_disk_names_the_file(small_disk):
         CsvSink(path)
 
 
+def test_profile_files_on_a_full_disk_are_said_and_the_breakdown_kept(small_disk, capsys):
+    import torch
+    from fastcram.observe.profiling import ProfileWindow
+    disk = small_disk(1 << 20)
+    window = ProfileWindow(os.path.join(disk.root, "profile"), 0, 1, "cpu")
+    window.before_step(0)
+    x = torch.randn(64, 64)
+    (x @ x).sum()
+    disk.fill()
+    window.after_step(1, 0.0)
+    err = capsys.readouterr().err
+    assert "fastcram: profile: cannot write" in err and "(ENOSPC)" in err
+    assert window.result is not None and window.result["steps"] == 1
+    assert not os.path.exists(os.path.join(disk.root, "profile", "breakdown.json"))
+
+
 # ---------------------------------------------------------------- training on a full disk
 
 def test_train_on_a_disk_full_from_the_start_is_one_line_and_leaves_nothing(small_data, small_disk, capsys):

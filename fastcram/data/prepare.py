@@ -50,7 +50,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import WriteError, atomic_write_bytes, atomic_write_json, inside, sha256_file
+from ..files import WriteError, atomic_write_bytes, atomic_write_json, inside, sha256_file, writing
 from .sources import Input, ReadError, mix_documents, mix_fraction
 from .tokenizer import (DocumentEncoder, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
                         train_tokenizer, why_not_separable)
@@ -567,8 +567,9 @@ def _scatter_phase(run: _Run) -> None:
         order = np.argsort(bucket, kind="stable")
         ids, starts = np.unique(bucket[order], return_index=True)
         for b, lo, hi in zip(ids, starts, list(starts[1:]) + [len(order)]):
-            with open(_bucket_path(run, int(b)), "ab") as f:
-                f.write(blocks[order[lo:hi]].tobytes())
+            bucket_path = _bucket_path(run, int(b))
+            with writing(bucket_path), open(bucket_path, "ab") as f:  # a full disk: a WriteError naming it
+                f.write(blocks[order[lo:hi]].tobytes())  # (the journal undoes a partial append on resume)
             counts[b] += int(hi - lo)
         sc["next"] = r + 1
         run.journal.save()

@@ -1,12 +1,14 @@
 """torch.profiler windows over chosen training steps: chrome trace, memory snapshot, time by category."""
 from __future__ import annotations
 
-import json
 import os
 import re
+import sys
 import time
 
 import torch
+
+from ..files import WriteError, atomic_write_json, writing
 
 # First match wins, so the specific names come before the generic ones ("layer_norm" before "norm").
 CATEGORIES = [
@@ -71,14 +73,25 @@ class ProfileWindow:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
-        self._prof.export_chrome_trace(os.path.join(self.out_dir, "trace.json"))
-        if self.cuda:
-            torch.cuda.memory._dump_snapshot(os.path.join(self.out_dir, "memory_snapshot.pickle"))
-            torch.cuda.memory._record_memory_history(enabled=None)
         self.result = breakdown(self._prof, wall, self.end - self.start, self.data_wait_s, self.cuda)
-        with open(os.path.join(self.out_dir, "breakdown.json"), "w") as f:
-            json.dump(self.result, f, indent=2)
+        self._write_files()
+        if self.cuda:
+            torch.cuda.memory._record_memory_history(enabled=None)
         self._prof = None
+
+    def _write_files(self) -> None:
+        """trace.json, the memory snapshot (GPU) and breakdown.json; one that cannot be written (a full disk) is
+        said on stderr: the run goes on and the breakdown still reaches the run summary."""
+        trace, snapshot = os.path.join(self.out_dir, "trace.json"), os.path.join(self.out_dir, "memory_snapshot.pickle")
+        try:
+            with writing(trace):
+                self._prof.export_chrome_trace(trace)
+            if self.cuda:
+                with writing(snapshot):
+                    torch.cuda.memory._dump_snapshot(snapshot)
+            atomic_write_json(os.path.join(self.out_dir, "breakdown.json"), self.result)
+        except WriteError as e:
+            print(f"fastcram: profile: {e}; the breakdown is kept in the run summary", file=sys.stderr, flush=True)
 
 
 def _self_time_us(evt, cuda: bool) -> float:
