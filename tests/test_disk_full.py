@@ -250,6 +250,30 @@ def test_a_summary_that_cannot_be_written_is_named_and_the_final_checkpoint_kept
     assert not _leftovers(out)
 
 
+# ---------------------------------------------------------------- data prepare
+
+def test_a_prepare_that_fills_the_disk_resumes_to_the_same_bytes(small_disk, tmp_path, capsys):
+    from .helpers import write_small_corpus
+    src = write_small_corpus(str(tmp_path / "src" / "corpus.txt"), 200_000)
+    args = ["data", "prepare", "--input", src, "--vocab-size", "512", "--shard-blocks", "64",
+            "--compression-threshold", "0.6", "--workers", "1", "--quiet"]
+    ref = str(tmp_path / "ref")
+    assert main([*args, "--out", ref]) == 0
+    disk = small_disk(96 << 10)  # room for the tokenizer, not for all the shards
+    out = os.path.join(disk.root, "data")
+    capsys.readouterr()
+    assert main([*args, "--out", out]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "(ENOSPC)" in line and out in line and "rerun the same command to resume" in line
+    assert not os.path.exists(os.path.join(out, "manifest.json")) and not _leftovers(out)
+    disk.grow(8 << 20)
+    assert main([*args, "--out", out]) == 0  # the same command, with room: resumed, not restarted
+    want, got = (json.load(open(os.path.join(d, "manifest.json"))) for d in (ref, out))
+    assert got["shards"] == want["shards"] and got["tokenizer_hash"] == want["tokenizer_hash"]
+    for entry in got["shards"]:
+        assert files.sha256_file(os.path.join(out, entry["file"])) == entry["sha256"]
+
+
 # ---------------------------------------------------------------- a log cut mid-record
 
 def test_a_log_cut_mid_record_is_repaired_on_resume_and_plotted(small_data, tmp_path, capsys):
