@@ -10,7 +10,7 @@ from .config import PRESETS, DataConfig, RunOptions, TrainConfig, preset
 from .config import non_negative_int as _non_negative_int, positive_float as _positive_float
 from .config import positive_int as _positive_int
 from .errors import UserError
-from .files import WriteError, check_output_dir, check_output_file, is_write_error, os_error_text
+from .files import WriteError, check_output_dir, check_output_file, os_error_text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -381,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, WriteError) as e:  # bad input, or an output that cannot be written: one line, exit 2
         print(f"fastcram: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if not (is_write_error(e) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and e.filename):
+    except OSError as e:  # a writer outside fastcram/files.py met a full or read-only disk: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not e.filename:
             raise
         print(f"fastcram: error: cannot write {e.filename}: {os_error_text(e)}; free disk space there or choose "
               f"another place", file=sys.stderr)

@@ -53,11 +53,6 @@ class WriteError(OSError):
         return self.message
 
 
-def is_write_error(e: BaseException) -> bool:
-    """An OSError about the place written to (full, read-only, not permitted, ...), not a bug."""
-    return isinstance(e, OSError) and (isinstance(e, WriteError) or e.errno in WRITE_ERRNOS)
-
-
 def as_write_error(path: str, e: OSError) -> WriteError:
     return e if isinstance(e, WriteError) else WriteError(getattr(e, "filename", None) or path, e)
 

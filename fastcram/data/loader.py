@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
