@@ -1,10 +1,11 @@
 """The built-in corpus (public-domain prose shipped in corpus/), prepared once into the cache folder."""
 from __future__ import annotations
 
+import glob
 import os
 
 from ..config import DataConfig
-from .prepare import MANIFEST, _say, prepare
+from .prepare import FORMAT_VERSION, MANIFEST, _say, prepare
 
 
 def builtin_corpus_path() -> str:
@@ -15,12 +16,21 @@ def cache_dir() -> str:
     return os.environ.get("FASTCRAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastcram")
 
 
+def builtin_folder(vocab_size: int, version: int = FORMAT_VERSION) -> str:
+    """Where the built-in corpus prepared with a vocab_size tokenizer by data format `version` is cached. The
+    format is part of the key: a copy an older fastcram prepared (another format, e.g. without a held-out
+    split) is never reused, it is prepared again beside it."""
+    return os.path.join(cache_dir(), f"pd_lit-v{vocab_size}-f{version}")
+
+
 def builtin_data(vocab_size: int, cfg: DataConfig | None = None, progress: bool = True) -> str:
     """The built-in corpus prepared with a tokenizer of vocab_size; prepared once, then reused."""
-    out = os.path.join(cache_dir(), f"pd_lit-v{vocab_size}")
+    out = builtin_folder(vocab_size)
     if os.path.isfile(os.path.join(out, MANIFEST)):
         return out
-    _say(progress, f"preparing the built-in corpus once into {out}")
+    older = sorted(p for p in glob.glob(os.path.join(cache_dir(), f"pd_lit-v{vocab_size}*")) if p != out)
+    _say(progress, f"preparing the built-in corpus once into {out}" + (
+        f" (format {FORMAT_VERSION}; the older copy {older[0]} is not used and may be deleted)" if older else ""))
     cfg = cfg or DataConfig()
     cfg = DataConfig(**{**cfg.__dict__, "vocab_size": vocab_size})
     prepare([builtin_corpus_path()], out, cfg, progress=progress)

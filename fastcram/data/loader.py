@@ -6,6 +6,7 @@ on a thread and masks batches with a fixed number of predicted tokens per sequen
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -72,6 +73,7 @@ class BlockDataset:
         self.total_blocks = int(self.starts[-1])
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
         self._lock = threading.Lock()
+        self.holdout, self.no_holdout_reason = HeldOutBlocks.open(data_dir, self.manifest, self.seq_len)
 
     def verify(self, sample: int | None = 2, seed: int | None = None) -> list[str]:
         """Check shard checksums against the manifest: `sample` random shards, or all when None.
@@ -115,6 +117,55 @@ class BlockDataset:
             rows = np.flatnonzero(shard_of == s)
             out[rows] = self.shard(int(s))[indices[rows] - self.starts[s]]
         return out
+
+
+class HeldOutBlocks:
+    """The held-out split of a data folder (manifest "holdout"): whole documents `data prepare` set aside,
+    in their own files, which the training loader never reads."""
+
+    def __init__(self, data_dir: str, section: dict, seq_len: int):
+        self.dir, self.section, self.seq_len = data_dir, section, seq_len
+        path = os.path.join(data_dir, MANIFEST)
+        try:
+            self.entries = [{**s, "path": inside(data_dir, s["file"])} for s in section["shards"]]
+            self.total_blocks = sum(int(s["blocks"]) for s in self.entries)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path} has an invalid held-out split ({e}); prepare the data again") from None
+        for s in self.entries:
+            if not os.path.isfile(s["path"]) or os.path.getsize(s["path"]) != s["bytes"]:
+                raise UserError(f"held-out shard {s['path']} is missing or has the wrong size (manifest says "
+                                f"{s['bytes']} bytes); prepare the data again")
+
+    @staticmethod
+    def open(data_dir: str, manifest: dict, seq_len: int) -> tuple["HeldOutBlocks | None", str | None]:
+        """(the held-out split, None) or (None, why there is none)."""
+        section = manifest.get("holdout")
+        if section is None:
+            return None, (f"{data_dir} has no held-out split (prepared by a fastcram before held-out splits, "
+                          f"manifest format {manifest.get('format', 1)}); prepare it again to get one")
+        if not section.get("blocks"):
+            return None, (f"the held-out split of {data_dir} is empty (its held-out documents fill no block); "
+                          f"prepare it again with a larger --holdout-docs share")
+        return HeldOutBlocks(data_dir, section, seq_len), None
+
+    def __len__(self) -> int:
+        return self.total_blocks
+
+    def read(self, count: int | None = None) -> np.ndarray:
+        """`count` blocks spread evenly over the split (all when None or more): [n, seq_len] uint16, read
+        whole (checksums checked), in a fixed order."""
+        parts = []
+        for s in self.entries:
+            with open(s["path"], "rb") as f:
+                raw = f.read()
+            if hashlib.sha256(raw).hexdigest() != s["sha256"]:
+                raise UserError(f"held-out shard {s['path']} is corrupt (its checksum differs from {MANIFEST}); "
+                                f"prepare the data again")
+            parts.append(np.frombuffer(raw, dtype=np.uint16).reshape(-1, self.seq_len))
+        blocks = np.concatenate(parts)  # [total_blocks, L]
+        if count is not None and count < len(blocks):
+            blocks = blocks[np.linspace(0, len(blocks) - 1, count).round().astype(np.int64)]
+        return blocks
 
 
 CHUNK_BLOCKS = 1 << 16  # first shuffle level: runs of consecutive blocks (16 MiB of tokens at seq 128)
