@@ -258,7 +258,7 @@ def _add_data(sub) -> None:
                    help="held-out split of whole documents, never trained on: N (a whole number) holds out N "
                         "documents, drawn at a rate of 1%% from the start of the stream; F (below 1) that share of "
                         "all documents; 0 none (default: 1%%, at most 1000 documents)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the shuffle and of the held-out draw")
+    d.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
     d.add_argument("--text-field", default="text", help="JSONL key / Parquet or dataset column with the text")
     d.add_argument("--workers", type=_positive_int("--workers"), help="tokenising processes (default: all cores)")
     d.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -23,8 +23,8 @@ buffer, at most workers + 2 chunks in flight and, while ordering, one shard and 
 one chunk and at most DocumentEncoder.max_entries remembered words. A single document is held whole.
 
 Held-out split: whole documents are set aside before tokenising, never written to the training shards: each
-document is held out when a seeded draw keyed by its index in the document stream falls under
---holdout-docs's rate (1% by default), until the cap (1000 documents by default; counted before the compression
+document is held out when a hash of its index in the document stream (with a fixed seed, not --seed: another
+shuffle keeps the held-out set) falls under --holdout-docs's rate (1% by default), until the cap (1000 documents by default; counted before the compression
 filter, like --max-documents) is reached. The held-out documents are joined with <sep> like the training
 stream and appended to holdout-00000.bin in stream order (after their chunk's training shards, so a resume
 truncates it back to the journal's length); the manifest records the rule, the counts and the file, cut to
@@ -70,6 +70,7 @@ FORMAT_VERSION = 3  # 2: text that spells a special token is encoded as text; 3:
 HOLDOUT_FILE = "holdout-00000.bin"
 HOLDOUT_RATE = 0.01  # the default share of documents held out ...
 HOLDOUT_MAX_DOCS = 1000  # ... and the default cap
+HOLDOUT_SEED = 0  # of the held-out draw: fixed (not --seed), so a reshuffle keeps the same held-out documents
 # The names of the files a prepare writes (and of their temp files): the only ones it ever deletes
 _SHARD_NAME = re.compile(r"(?:shard|stream)-\d{5,}\.bin")
 _OWN_FILE = re.compile(r"(?:(?:shard|stream|bucket|holdout)-\d{5,}\.bin|prepare-state\.json|tokenizer\.json|manifest\.json)"
@@ -296,7 +297,7 @@ def mark_holdout(chunks: Iterator[Chunk], opts: "PrepareOptions", held_before: i
     count = held_before
     for ch in chunks:
         n = len(ch.sources)
-        held = (holdout_draw(opts.seed, ch.first_doc, n) < opts.holdout_rate if opts.holdout_rate > 0
+        held = (holdout_draw(HOLDOUT_SEED, ch.first_doc, n) < opts.holdout_rate if opts.holdout_rate > 0
                 else np.zeros(n, dtype=bool))
         if opts.holdout_max_docs is not None:
             held[np.flatnonzero(held)[max(opts.holdout_max_docs - count, 0):]] = False
@@ -572,8 +573,10 @@ def _stream_phase(run: _Run) -> None:
     if not st["shards"]:
         raise UserError(f"the input ({', '.join(i.spec for i in run.inputs)}) yields no complete {cfg.seq_len}-token "
                         f"block after the compression filter (kept {stats.kept_docs} of "
-                        f"{stats.kept_docs + stats.dropped_docs} documents); give more text or raise "
-                        f"--compression-threshold")
+                        f"{stats.kept_docs + stats.dropped_docs} documents"
+                        + (f", {stats.holdout_docs} of them held out" if stats.holdout_docs else "") +
+                        "); give more text, raise --compression-threshold" +
+                        (" or hold out fewer documents (--holdout-docs)" if stats.holdout_docs else ""))
     run.journal.state["phase"] = "done" if opts.order == "stream" else "scatter"
     run.journal.save()
 
@@ -718,7 +721,7 @@ def _fingerprint(inputs: list[Input], cfg: DataConfig, opts: PrepareOptions, tok
           **{k: getattr(cfg, k) for k in ("seq_len", "shard_blocks", "doc_chars", "compression_threshold")},
           **{k: getattr(opts, k) for k in ("weights", "max_documents", "max_tokens", "order", "text_field",
                                            "chunk_chars")},
-          "holdout": [opts.holdout_rate, opts.holdout_max_docs, opts.seed] if opts.holdout_rate > 0 else None}
+          "holdout": [opts.holdout_rate, opts.holdout_max_docs] if opts.holdout_rate > 0 else None}
     if opts.order != "stream":
         fp["seed"] = opts.seed
     return json.loads(json.dumps(fp))  # as the journal stores it (tuples become lists)
@@ -870,7 +873,7 @@ def _holdout_section(run: _Run) -> dict:
     else:
         _remove(path)
     return {"rate": opts.holdout_rate, "max_docs": opts.holdout_max_docs,
-            "seed": opts.seed if opts.holdout_rate > 0 else None, "selected_docs": final["selected_docs"],
+            "seed": HOLDOUT_SEED if opts.holdout_rate > 0 else None, "selected_docs": final["selected_docs"],
             "docs": stats["holdout_docs"], "tokens": stats["holdout_tokens"], "blocks": blocks, "shards": shards}
 
 
