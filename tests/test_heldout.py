@@ -27,17 +27,6 @@ from fastcram.train.step import build_model, make_step
 
 from .helpers import FakeClock, held_out_indices, write_small_corpus
 
-CFG = DataConfig(vocab_size=512, shard_blocks=256, compression_threshold=0.6)
-
-
-@pytest.fixture(scope="module")
-def heldout_data(tmp_path_factory) -> str:
-    """The small corpus prepared with a quarter of its documents held out."""
-    root = tmp_path_factory.mktemp("heldout")
-    src = write_small_corpus(str(root / "corpus.txt"))
-    out = str(root / "prepared")
-    prepare([src], out, CFG, progress=False, options=PrepareOptions(holdout_rate=0.25, holdout_max_docs=None))
-    return out
 
 
 def random_docs(rng: np.random.Generator, n_docs: int) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import shlex
 import sys
 import time
 
@@ -211,7 +210,7 @@ def cmd_speedrun(args) -> int:
         target_loss=args.target_loss, preset=preset, max_minutes=args.max_minutes, runs=args.runs,
         data_dir=args.data, eval_every=args.eval_every, first_seed=args.seed,
         out_dir=args.out or os.path.join("runs", f"speedrun-{stamp}"), train_args=tuple(extra))
-    rep = speedrun.run(settings, command=shlex.join(["fastcram", "bench", "speedrun", *_argv_after("speedrun")]))
+    rep = speedrun.run(settings, command=speedrun.command(settings))
     path = args.json or os.path.join(RESULTS_DIR, f"speedrun-{slug(rep['environment'].get('device', 'device'))}-"
                                                   f"{stamp}.json")
     speedrun.write(rep, path)
@@ -222,12 +221,6 @@ def cmd_speedrun(args) -> int:
               f"{args.target_loss:g} within {args.max_minutes:g} min", file=sys.stderr)
         return 1
     return 0
-
-
-def _argv_after(word: str) -> list[str]:
-    """This process's arguments after `word` (the command as typed, for the report)."""
-    argv = sys.argv[1:]
-    return argv[argv.index(word) + 1:] if word in argv else argv
 
 
 def cmd_plot(args) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -44,9 +45,18 @@ class SpeedrunSettings:
     train_args: tuple = ()  # more `fastcram train` flags (step switches, --device, ...)
 
     def train_argv(self, seed: int, run_dir: str) -> list[str]:
-        argv = ["train", "--preset", self.preset, "--minutes", f"{self.max_minutes:g}", "--seed", str(seed),
-                "--target-loss", f"{self.target_loss:g}", "--eval-every", self.eval_every, "--out", run_dir]
+        argv = ["train", "--preset", self.preset, "--minutes", repr(float(self.max_minutes)), "--seed", str(seed),
+                "--target-loss", repr(float(self.target_loss)), "--eval-every", self.eval_every, "--out", run_dir]
         return argv + (["--data", self.data_dir] if self.data_dir else []) + list(self.train_args)
+
+
+def command(settings: SpeedrunSettings) -> str:
+    """The command that repeats this speedrun, every setting explicit (the run folders aside)."""
+    argv = ["fastcram", "bench", "speedrun", "--target-loss", f"{settings.target_loss:.10g}", "--preset", settings.preset,
+            "--runs", str(settings.runs), "--max-minutes", f"{settings.max_minutes:g}", "--eval-every",
+            settings.eval_every] + (["--data", settings.data_dir] if settings.data_dir else []) + (
+        ["--seed", str(settings.first_seed)] if settings.first_seed else [])
+    return shlex.join(argv + (["--", *settings.train_args] if settings.train_args else []))
 
 
 def subprocess_runner(argv: list[str]) -> int:
@@ -128,9 +138,10 @@ def data_identity(data_dir: str | None) -> dict:
             "holdout": {k: ho.get(k) for k in ("docs", "blocks", "rate", "max_docs", "seed")}}
 
 
-def run(settings: SpeedrunSettings, runner: Callable[[list[str]], int] = subprocess_runner,
+def run(settings: SpeedrunSettings, runner: Callable[[list[str]], int] | None = None,
         say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True), command: str | None = None) -> dict:
-    """Every seed's run, one after the other; the report (not yet written)."""
+    """Every seed's run, one after the other (runner: default subprocess_runner); the report (not written)."""
+    runner = runner or subprocess_runner
     if settings.runs < 1:
         raise UserError(f"--runs must be at least 1, got {settings.runs}")
     if not settings.max_minutes > 0:
