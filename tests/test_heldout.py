@@ -327,3 +327,52 @@ def test_train_says_once_when_it_will_pass_over_the_data_many_times(heldout_data
     few = train(_opts(heldout_data, tmp_path / "few", budget_s=12.0, eval_every_s=0.0), now=FakeClock(1.0))
     assert not [r for r in _log(few["run_dir"]) if r.get("event") == "advice"]
     assert "will pass over" not in capsys.readouterr().err
+
+
+def test_evaluation_never_runs_through_the_compiled_step(heldout_data, tmp_path, monkeypatch):
+    """The step's compiled callable sees only training micro-steps, in train mode and with grad; evaluations
+    call the plain module in eval mode without grad, only when a log record is written."""
+    import fastcram.train.step as step_module
+
+    calls = []
+
+    def spy_compile(model, **kwargs):  # stands in for torch.compile: records how the "compiled" model is called
+        def compiled(*args):
+            calls.append(("step", model.training, torch.is_grad_enabled()))
+            return model(*args)
+        return compiled
+
+    real = HeldOutEval.__call__
+
+    def spy_eval(self, model, context):
+        calls.append(("eval", None, None))
+        return real(self, model, context)
+
+    monkeypatch.setattr(step_module.torch, "compile", spy_compile)
+    monkeypatch.setattr(HeldOutEval, "__call__", spy_eval)
+    summary = train(_opts(heldout_data, tmp_path / "run", budget_s=30.0, eval_every_s=4.0, compile=True,
+                          log_interval_s=1000.0), now=FakeClock(1.0))
+    steps = [c for c in calls if c[0] == "step"]
+    assert len(steps) == summary["micro_steps"] and set(steps) == {("step", True, True)}
+    assert len(calls) - len(steps) == summary["eval"]["evaluations"] >= 3
+    recs = [r for r in _log(summary["run_dir"]) if "loss" in r]
+    assert len(recs) == summary["eval"]["evaluations"]  # log interval 1000 s: every record is an evaluation's
+
+
+@pytest.mark.gpu
+def test_gpu_evaluation_leaves_the_compiled_step_and_its_graphs_alone(heldout_data, tmp_path):
+    """Compiled on the GPU with --sync-debug (a host sync inside a step is an error): evaluating after every
+    step neither recompiles the training step nor breaks it."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for name, every in (("off", 0.0), ("on", 1e-3)):
+        torch._dynamo.reset()
+        counters.clear()
+        summary = train(_opts(heldout_data, tmp_path / name, budget_s=1e6, max_steps=6, compile=True, device="cuda",
+                              sync_debug=True, eval_every_s=every, log_interval_s=1000.0))
+        graphs[name] = counters["stats"].get("unique_graphs", 0)
+        if name == "on":
+            assert summary["eval"]["evaluations"] >= 5 and summary["final_eval_loss"] > 0
+    assert graphs["off"] > 0 and graphs["on"] == graphs["off"]
