@@ -52,8 +52,8 @@ class SpeedrunSettings:
 
 def command(settings: SpeedrunSettings) -> str:
     """The command that repeats this speedrun, every setting explicit (the run folders aside)."""
-    argv = ["fastcram", "bench", "speedrun", "--target-loss", f"{settings.target_loss:.10g}", "--preset", settings.preset,
-            "--runs", str(settings.runs), "--max-minutes", f"{settings.max_minutes:g}", "--eval-every",
+    argv = ["fastcram", "bench", "speedrun", "--target-loss", f"{settings.target_loss:.10g}", "--preset",
+            settings.preset, "--runs", str(settings.runs), "--max-minutes", f"{settings.max_minutes:g}", "--eval-every",
             settings.eval_every] + (["--data", settings.data_dir] if settings.data_dir else []) + (
         ["--seed", str(settings.first_seed)] if settings.first_seed else [])
     return shlex.join(argv + (["--", *settings.train_args] if settings.train_args else []))

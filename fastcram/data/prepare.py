@@ -24,15 +24,16 @@ one chunk and at most DocumentEncoder.max_entries remembered words. A single doc
 
 Held-out split: whole documents are set aside before tokenising, never written to the training shards: each
 document is held out when a hash of its index in the document stream (with a fixed seed, not --seed: another
-shuffle keeps the held-out set) falls under --holdout-docs's rate (1% by default), until the cap (1000 documents by default; counted before the compression
-filter, like --max-documents) is reached. The held-out documents are joined with <sep> like the training
-stream and appended to holdout-00000.bin in stream order (after their chunk's training shards, so a resume
-truncates it back to the journal's length); the manifest records the rule, the counts and the file, cut to
-whole blocks.
+shuffle keeps the held-out set) falls under --holdout-docs's rate (1% by default), until the cap (1000
+documents by default; counted before the compression filter, like --max-documents) is reached. The held-out
+documents are joined with <sep> like the training stream and appended to holdout-00000.bin in stream order
+(after their chunk's training shards, so a resume truncates it back to the journal's length); the manifest
+records the rule, the counts and the file, cut to whole blocks.
 
 Files: a prepare writes only into a new or empty folder, or one holding its own journal; it deletes only files
-with the names it gives its own (shard-, stream-, bucket-NNNNN.bin, its JSON files, their temp files), and a
-journal naming anything else, or anything outside the folder, is refused before anything is touched.
+with the names it gives its own (shard-, stream-, bucket-, holdout-NNNNN.bin, its JSON files, their temp
+files), and a journal naming anything else, or anything outside the folder, is refused before anything is
+touched.
 
 This module does not import torch, so `data prepare` and its worker processes start light.
 """
