@@ -1,18 +1,16 @@
-"""Flags of `fastcram bench ...`: kernels (microbenchmarks), step (end-to-end), speedrun (time to a held-out
-loss), plot (PNGs from the CSVs).
+"""Flags of `fastcram bench ...`: kernels (microbenchmarks), step (end-to-end), plot (PNGs from the CSVs).
 
-This file only turns flags into settings; the work is in kernels.py, step.py, speedrun.py and plot.py. torch is imported
+This file only turns flags into settings; the work is in kernels.py, step.py and plot.py. torch is imported
 inside the handlers so that `--help` stays instant.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
 import time
 
-from ..config import eval_every as _eval_every, positive_float as _positive_float, positive_int as _positive_int
+from ..config import positive_int as _positive_int
 from ..errors import UserError
 
 RESULTS_DIR = os.path.join("bench", "results")
@@ -67,36 +65,12 @@ def add_parser(sub) -> None:
     s.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
     s.set_defaults(func=cmd_step)
 
-    r = bsub.add_parser("speedrun", help="wall time to a held-out MLM loss over several seeds: how fast the "
-                                         "model learns, not only how many tokens/s",
-                        description="Each run is a `fastcram train` with a budget of --max-minutes (its schedules "
-                                    "follow it), stopped at the first held-out evaluation at or under --target-loss. "
-                                    "Time to target: the budget clock there (compile included, evaluation excluded). "
-                                    "Flags after -- go to every `fastcram train`, e.g. -- --kernels triton.")
-    r.add_argument("--target-loss", type=_positive_float("--target-loss"), required=True, metavar="L",
-                   help="held-out MLM loss to reach")
-    r.add_argument("--preset", help="model preset (default crammed-bert on a GPU, tiny on the CPU)")
-    r.add_argument("--data", metavar="DIR", help="a folder made by `fastcram data prepare`, with a held-out split "
-                                                 "(default: the built-in corpus)")
-    r.add_argument("--runs", type=_positive_int("--runs"), default=3, help="runs, seeds 0..N-1 (default 3)")
-    r.add_argument("--max-minutes", type=_positive_float("--max-minutes"), default=10.0, metavar="M",
-                   help="each run's budget in minutes; its lr and batch schedules follow it (default 10)")
-    r.add_argument("--eval-every", default="2%", metavar="P%|S",
-                   help="evaluate each time the budget spent has grown by P%% (the time to target is known to "
-                        "about P%%), or every S seconds (default 2%%)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the first run (default 0)")
-    r.add_argument("--out", metavar="DIR", help="folder for the runs (default runs/speedrun-<time>)")
-    r.add_argument("--json", metavar="FILE", help="report (default bench/results/speedrun-<device>-<time>.json)")
-    r.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
-    r.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_FLAGS",
-                   help="more `fastcram train` flags for every run")
-    r.set_defaults(func=cmd_speedrun)
-
     pl = bsub.add_parser("plot", help="one PNG per op from benchmark CSVs (needs matplotlib)")
     pl.add_argument("csv", nargs="*", metavar="CSV", help="CSV files (default: bench/results/*.csv)")
     pl.add_argument("--out", metavar="DIR", default=os.path.join(RESULTS_DIR, "plots"),
                     help="folder for the PNGs (default bench/results/plots)")
     pl.set_defaults(func=cmd_plot)
+    _add_speedrun(bsub)
 
 
 def _switch_keys() -> list[str]:
@@ -189,8 +163,54 @@ def cmd_step(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot
+
+    paths = args.csv or sorted(glob.glob(os.path.join(RESULTS_DIR, "*.csv")))
+    if not paths:
+        raise UserError(f"no CSV given and none in {RESULTS_DIR}/; run `fastcram bench kernels` first or pass "
+                        f"CSV files")
+    for path in plot(paths, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_speedrun(bsub) -> None:
+    """Flags of `fastcram bench speedrun` (the work is in speedrun.py)."""
+    import argparse
+
+    from ..config import positive_float as _positive_float
+
+    r = bsub.add_parser("speedrun", help="wall time to a held-out MLM loss over several seeds: how fast the "
+                                         "model learns, not only how many tokens/s",
+                        description="Each run is a `fastcram train` with a budget of --max-minutes (its schedules "
+                                    "follow it), stopped at the first held-out evaluation at or under --target-loss. "
+                                    "Time to target: the budget clock there (compile included, evaluation excluded). "
+                                    "Flags after -- go to every `fastcram train`, e.g. -- --kernels triton.")
+    r.add_argument("--target-loss", type=_positive_float("--target-loss"), required=True, metavar="L",
+                   help="held-out MLM loss to reach")
+    r.add_argument("--preset", help="model preset (default crammed-bert on a GPU, tiny on the CPU)")
+    r.add_argument("--data", metavar="DIR", help="a folder made by `fastcram data prepare`, with a held-out split "
+                                                 "(default: the built-in corpus)")
+    r.add_argument("--runs", type=_positive_int("--runs"), default=3, help="runs, seeds 0..N-1 (default 3)")
+    r.add_argument("--max-minutes", type=_positive_float("--max-minutes"), default=10.0, metavar="M",
+                   help="each run's budget in minutes; its lr and batch schedules follow it (default 10)")
+    r.add_argument("--eval-every", default="2%", metavar="P%|S",
+                   help="evaluate each time the budget spent has grown by P%% (the time to target is known to "
+                        "about P%%), or every S seconds (default 2%%)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the first run (default 0)")
+    r.add_argument("--out", metavar="DIR", help="folder for the runs (default runs/speedrun-<time>)")
+    r.add_argument("--json", metavar="FILE", help="report (default bench/results/speedrun-<device>-<time>.json)")
+    r.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
+    r.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_FLAGS",
+                   help="more `fastcram train` flags for every run")
+    r.set_defaults(func=cmd_speedrun)
+
+
 def cmd_speedrun(args) -> int:
-    from ..config import PRESETS
+    import argparse
+
+    from ..config import PRESETS, eval_every as _eval_every
     from . import speedrun
     from .plot import slug
     from .table import print_table
@@ -220,16 +240,4 @@ def cmd_speedrun(args) -> int:
         print(f"fastcram: {rep['runs'] - rep['reached']} of {rep['runs']} run(s) did not reach held-out loss "
               f"{args.target_loss:g} within {args.max_minutes:g} min", file=sys.stderr)
         return 1
-    return 0
-
-
-def cmd_plot(args) -> int:
-    from .plot import plot
-
-    paths = args.csv or sorted(glob.glob(os.path.join(RESULTS_DIR, "*.csv")))
-    if not paths:
-        raise UserError(f"no CSV given and none in {RESULTS_DIR}/; run `fastcram bench kernels` first or pass "
-                        f"CSV files")
-    for path in plot(paths, args.out):
-        print(f"wrote {path}", file=sys.stderr)
     return 0
