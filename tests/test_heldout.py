@@ -77,6 +77,9 @@ def test_held_out_documents_never_appear_in_a_training_batch(tmp_path):
     held_ids = np.concatenate([np.append(enc[i], sep) for i in held])
     train_ids = np.concatenate([np.append(e, sep) for i, e in enumerate(enc) if i not in set(held)])
     assert np.array_equal(ds.holdout.read().reshape(-1), held_ids[:len(ds.holdout) * 128])  # whole blocks
+    n = len(ds.holdout)
+    spread = held_ids[:n * 128].reshape(n, 128)[[0, round((n - 1) / 2), n - 1]]  # both round halves to even
+    assert np.array_equal(ds.holdout.read(3), spread)  # evenly spread: first, middle, last
     assert len(ds) == len(train_ids) // 128 and m["total_blocks"] == len(ds)
     held_windows = windows([enc[i] for i in held], 12, sep)
     assert held_windows, seed

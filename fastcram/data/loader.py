@@ -6,7 +6,6 @@ on a thread and masks batches with a fixed number of predicted tokens per sequen
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -152,20 +151,23 @@ class HeldOutBlocks:
         return self.total_blocks
 
     def read(self, count: int | None = None) -> np.ndarray:
-        """`count` blocks spread evenly over the split (all when None or more): [n, seq_len] uint16, read
-        whole (checksums checked), in a fixed order."""
-        parts = []
+        """`count` blocks spread evenly over the split (all when None or more), in a fixed order:
+        [n, seq_len] uint16, in memory. Every held-out file's checksum is checked first."""
         for s in self.entries:
-            with open(s["path"], "rb") as f:
-                raw = f.read()
-            if hashlib.sha256(raw).hexdigest() != s["sha256"]:
+            if sha256_file(s["path"]) != s["sha256"]:
                 raise UserError(f"held-out shard {s['path']} is corrupt (its checksum differs from {MANIFEST}); "
                                 f"prepare the data again")
-            parts.append(np.frombuffer(raw, dtype=np.uint16).reshape(-1, self.seq_len))
-        blocks = np.concatenate(parts)  # [total_blocks, L]
-        if count is not None and count < len(blocks):
-            blocks = blocks[np.linspace(0, len(blocks) - 1, count).round().astype(np.int64)]
-        return blocks
+        n = self.total_blocks
+        rows = np.arange(n) if count is None or count >= n else np.linspace(0, n - 1, count).round().astype(np.int64)
+        starts = np.cumsum([0] + [int(s["blocks"]) for s in self.entries])
+        out = np.empty((len(rows), self.seq_len), dtype=np.uint16)
+        for i, s in enumerate(self.entries):
+            mine = np.flatnonzero((rows >= starts[i]) & (rows < starts[i + 1]))
+            if len(mine):
+                shard = np.memmap(s["path"], dtype=np.uint16, mode="r", shape=(int(s["blocks"]), self.seq_len))
+                out[mine] = shard[rows[mine] - starts[i]]
+                del shard
+        return out
 
 
 CHUNK_BLOCKS = 1 << 16  # first shuffle level: runs of consecutive blocks (16 MiB of tokens at seq 128)
