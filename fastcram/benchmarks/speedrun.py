@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
-from ..files import atomic_write_json, sha256_file
+from ..files import atomic_write_json, inside, sha256_file
 
 ENV_KEYS = ("git_sha", "torch", "triton", "cuda", "python", "device")
 TABLE_HEADERS = ["seed", "reached", "time to target s", "known to s", "tokens", "steps", "tokens/s",
@@ -94,7 +94,8 @@ def read_run(run_dir: str, seed: int) -> RunResult:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"speedrun: the run in {run_dir} left no readable summary ({e}); see its output above") from None
+        raise UserError(f"speedrun: the run in {run_dir} left no readable summary ({e}); see its output "
+                        f"above") from None
     evals = [r for r in log if r.get("eval_loss") is not None]  # in the order they were made
     hit = summary.get("target")
     time_s = hit["budget_s"] if hit else None
@@ -129,7 +130,10 @@ def data_identity(data_dir: str | None) -> dict:
     manifest_path = os.path.join(data_dir, "manifest.json")
     with open(manifest_path) as f:
         manifest = json.load(f)
-    tok_path = os.path.join(data_dir, manifest.get("tokenizer", "tokenizer.json"))
+    try:
+        tok_path = inside(data_dir, manifest.get("tokenizer", "tokenizer.json"))
+    except ValueError:  # a manifest naming a file outside its folder: nothing of it is read
+        tok_path = ""
     ho = manifest.get("holdout") or {}
     return {"data_dir": os.path.abspath(data_dir), "manifest_sha256": sha256_file(manifest_path),
             "tokenizer_hash": manifest.get("tokenizer_hash"),
@@ -139,7 +143,8 @@ def data_identity(data_dir: str | None) -> dict:
 
 
 def run(settings: SpeedrunSettings, runner: Callable[[list[str]], int] | None = None,
-        say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True), command: str | None = None) -> dict:
+        say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+        command: str | None = None) -> dict:
     """Every seed's run, one after the other (runner: default subprocess_runner); the report (not written)."""
     runner = runner or subprocess_runner
     if settings.runs < 1:

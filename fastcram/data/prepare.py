@@ -74,8 +74,8 @@ HOLDOUT_MAX_DOCS = 1000  # ... and the default cap
 HOLDOUT_SEED = 0  # of the held-out draw: fixed (not --seed), so a reshuffle keeps the same held-out documents
 # The names of the files a prepare writes (and of their temp files): the only ones it ever deletes
 _SHARD_NAME = re.compile(r"(?:shard|stream)-\d{5,}\.bin")
-_OWN_FILE = re.compile(r"(?:(?:shard|stream|bucket|holdout)-\d{5,}\.bin|prepare-state\.json|tokenizer\.json|manifest\.json)"
-                       r"(?:\.tmp\d+)?")
+_OWN_FILE = re.compile(r"(?:(?:shard|stream|bucket|holdout)-\d{5,}\.bin|prepare-state\.json|tokenizer\.json"
+                       r"|manifest\.json)(?:\.tmp\d+)?")
 _JOURNAL_TEMP = re.compile(r"prepare-state\.json\.tmp\d+")
 ORDERS = ("shuffle", "curriculum", "stream")
 _PARALLELISM = "TOKENIZERS_PARALLELISM"

@@ -434,9 +434,9 @@ class Training:
         self.records += 1
         if self.records != 2:
             return
-        passes, advice = data_passes_advice(rec["tokens_per_s"], self.clock.remaining(),
-                                            self.state.sequences * self.data.seq_len,
-                                            len(self.data) * self.data.seq_len, self.data_dir, self.opts.data_dir is None)
+        seq = self.data.seq_len
+        passes, advice = data_passes_advice(rec["tokens_per_s"], self.clock.remaining(), self.state.sequences * seq,
+                                            len(self.data) * seq, self.data_dir, builtin=self.opts.data_dir is None)
         rec["expected_data_passes"] = round(passes, 2)
         if advice:
             self.warn(advice)
