@@ -6,7 +6,7 @@ import dataclasses
 import sys
 
 from .config import PRESETS, DataConfig, RunOptions, TrainConfig, preset
-from .config import eval_every as _eval_every, positive_float as _positive_float, positive_int as _positive_int
+from .config import positive_float as _positive_float, positive_int as _positive_int
 from .errors import UserError
 
 
@@ -22,6 +22,8 @@ def _micro_batch(s: str):
 
 
 def _add_train(sub) -> None:
+    from .config import eval_every as _eval_every
+
     p = sub.add_parser("train", help="train crammed BERT until the wall-clock budget is spent")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--hours", type=_positive_float("--hours"), help="budget in hours (default 24)")

@@ -177,7 +177,7 @@ def test_the_builtin_cache_key_carries_the_data_format(tmp_path, monkeypatch, ca
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"format": 2, "seq_len": 128, "shards": []}))
     path = builtin_data(512, DataConfig(compression_threshold=0.6), progress=True)
-    assert path == builtin_folder(512) and "pd_lit-v512 is not used" in capsys.readouterr().err
+    assert path == builtin_folder(512) and "pd_lit-v512 is another data format" in capsys.readouterr().err
     ds = BlockDataset(path)
     assert ds.manifest["format"] == prep.FORMAT_VERSION and ds.holdout is not None and len(ds.holdout) > 50
     assert json.loads((old / "manifest.json").read_text())["format"] == 2  # the old copy is left alone

@@ -5,7 +5,7 @@ import glob
 import os
 
 from ..config import DataConfig
-from .prepare import FORMAT_VERSION, MANIFEST, _say, prepare
+from .prepare import MANIFEST, _say, prepare
 
 
 def builtin_corpus_path() -> str:
@@ -16,11 +16,15 @@ def cache_dir() -> str:
     return os.environ.get("FASTCRAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastcram")
 
 
-def builtin_folder(vocab_size: int, version: int = FORMAT_VERSION) -> str:
-    """Where the built-in corpus prepared with a vocab_size tokenizer by data format `version` is cached. The
-    format is part of the key: a copy an older fastcram prepared (another format, e.g. without a held-out
-    split) is never reused, it is prepared again beside it."""
-    return os.path.join(cache_dir(), f"pd_lit-v{vocab_size}-f{version}")
+def builtin_folder(vocab_size: int, version: int | None = None, root: str | None = None) -> str:
+    """Where the built-in corpus prepared with a vocab_size tokenizer by data format `version` (default: this
+    fastcram's) is cached, under root (default the cache folder). The format is part of the key: a copy an
+    older fastcram prepared (another format, e.g. without a held-out split) is never reused, it is prepared
+    again beside it."""
+    from .prepare import FORMAT_VERSION
+
+    version = FORMAT_VERSION if version is None else version
+    return os.path.join(root or cache_dir(), f"pd_lit-v{vocab_size}-f{version}")
 
 
 def builtin_data(vocab_size: int, cfg: DataConfig | None = None, progress: bool = True) -> str:
@@ -30,7 +34,7 @@ def builtin_data(vocab_size: int, cfg: DataConfig | None = None, progress: bool 
         return out
     older = sorted(p for p in glob.glob(os.path.join(cache_dir(), f"pd_lit-v{vocab_size}*")) if p != out)
     _say(progress, f"preparing the built-in corpus once into {out}" + (
-        f" (format {FORMAT_VERSION}; the older copy {older[0]} is not used and may be deleted)" if older else ""))
+        f" (the older copy {older[0]} is another data format: not used, and may be deleted)" if older else ""))
     cfg = cfg or DataConfig()
     cfg = DataConfig(**{**cfg.__dict__, "vocab_size": vocab_size})
     prepare([builtin_corpus_path()], out, cfg, progress=progress)

@@ -64,6 +64,7 @@ class BlockDataset:
         self.tokenizer = tok
         self.special = special_ids(tok, source=self.tokenizer_path)
         self.vocab_size = tok.get_vocab_size()
+        self.holdout, self.no_holdout_reason = HeldOutBlocks.open(data_dir, self.manifest, self.seq_len)
         for f, s in zip(self.shard_files, shards):
             if not os.path.isfile(f) or os.path.getsize(f) != s["bytes"]:
                 raise UserError(f"shard {f} is missing or has the wrong size (manifest says {s['bytes']} bytes); "
@@ -72,7 +73,6 @@ class BlockDataset:
         self.total_blocks = int(self.starts[-1])
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
         self._lock = threading.Lock()
-        self.holdout, self.no_holdout_reason = HeldOutBlocks.open(data_dir, self.manifest, self.seq_len)
 
     def verify(self, sample: int | None = 2, seed: int | None = None) -> list[str]:
         """Check shard checksums against the manifest: `sample` random shards, or all when None.

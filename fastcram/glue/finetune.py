@@ -76,6 +76,11 @@ class GlueOptions:
     progress: bool = True
 
 
+def finetune_lr(preset_name: str | None) -> float:
+    """The fine-tuning learning rate a preset's model takes (the recipe's 4e-5 for an unknown preset)."""
+    return (PRESETS[preset_name] if preset_name in PRESETS else Preset(ModelConfig())).finetune_lr
+
+
 def _say(opts: GlueOptions, msg: str) -> None:
     if opts.progress:
         print(msg, file=sys.stderr, flush=True)
@@ -463,18 +468,15 @@ def _recompile_limit(n: int):
         yield
 
 
-def finetune_lr(preset_name: str | None) -> float:
-    """The fine-tuning learning rate a preset's model takes (the recipe's 4e-5 for an unknown preset)."""
-    return (PRESETS[preset_name] if preset_name in PRESETS else Preset(ModelConfig())).finetune_lr
-
-
 def run_glue(opts: GlueOptions) -> dict:
     """Fine-tune and score every task and seed; write the JSON report and the markdown table."""
     _check_opts(opts)
     pre = load_run(opts.run_dir, opts.tokenizer, opts.trust_checkpoint)
     device, kernels, compile_ = _resolve(opts, pre)
-    proto = dataclasses.replace(opts.protocol, max_len=min(opts.protocol.max_len, pre.cfg.seq_len),
-                                lr=finetune_lr(pre.preset) if opts.protocol.lr is None else opts.protocol.lr)
+    lr_from = "--lr" if opts.protocol.lr is not None else f"preset {pre.preset}"
+    opts = dataclasses.replace(opts, protocol=dataclasses.replace(opts.protocol, lr=opts.protocol.lr or
+                                                                  finetune_lr(pre.preset)))
+    proto = dataclasses.replace(opts.protocol, max_len=min(opts.protocol.max_len, pre.cfg.seq_len))
     run_dir = run_folder_of(opts.run_dir)
     out_json = opts.out or os.path.join(run_dir, "glue.json")
     out_md = os.path.splitext(out_json)[0] + ".md"
@@ -484,7 +486,7 @@ def run_glue(opts: GlueOptions) -> dict:
     encoder = build_encoder(pre, kernels, proto.dropout, device)
     _say(opts, f"fastcram eval glue: {opts.run_dir} ({os.path.basename(pre.checkpoint)}), tasks "
                f"{','.join(opts.tasks)}, {opts.seeds} seed(s), {proto.epochs} epoch(s), lr {proto.lr:g} "
-               f"({'--lr' if opts.protocol.lr is not None else f'preset {pre.preset}'}), kernels {kernels}, "
+               f"({lr_from}), kernels {kernels}, "
                f"compile {compile_}, device {device}")
 
     with _recompile_limit(64):
@@ -498,7 +500,7 @@ def run_glue(opts: GlueOptions) -> dict:
     report = {"run_dir": os.path.abspath(run_dir), "checkpoint": pre.checkpoint, "kernels": kernels,
               "device": device, "compile": compile_, "seeds": opts.seeds, "data": opts.data_dir or glue_data.HF_DATASET,
               "max_examples": opts.max_examples, "protocol": dataclasses.asdict(proto),
-              "lr_from": "--lr" if opts.protocol.lr is not None else f"preset {pre.preset}", **summary,
+              "lr_from": lr_from, **summary,
               "tasks": tasks, "table": table}
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     atomic_write_json(out_json, report)

@@ -29,9 +29,9 @@ from ..observe.telemetry import TelemetrySampler
 from . import checkpoint as ckpt
 from . import autotune
 from .advice import data_passes_advice
+from .evaluate import HeldOutEval, eval_schedule
 from .compile_cache import compile_caches, describe as describe_caches
 from .distributed import DistContext, agree, broadcast_object, init_from_env, mean_across, rank_slice, shutdown
-from .evaluate import HeldOutEval, eval_schedule
 from .run_folder import open_checkpoint, open_run, restore_options
 from .schedule import BudgetClock, accumulation_steps, lr_multiplier
 from .step import (NonFiniteGuard, autocast_dtype, build_model, check_attention, make_optimizer, make_step,
