@@ -100,3 +100,16 @@ def test_data_without_a_held_out_split_is_refused(heldout_data, tmp_path, capsys
     assert not os.path.exists(tmp_path / "sr")
     rc = main(["bench", "speedrun", "--target-loss", "5", "--eval-every", "often", "--out", str(tmp_path / "sr")])
     assert rc == 2 and "--eval-every" in capsys.readouterr().err
+
+
+def test_outputs_are_checked_before_any_run(heldout_data, tmp_path, capsys):
+    taken = tmp_path / "sr" / "seed-0"
+    taken.mkdir(parents=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for argv, needle in ((["--out", str(tmp_path / "sr")], "already holds seed-0"),
+                         (["--out", str(tmp_path / "new"), "--json", str(blocker / "r.json")], "--json")):
+        rc = main(["bench", "speedrun", "--target-loss", "5", "--data", heldout_data, *argv])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "sr") == ["seed-0"]  # no run started

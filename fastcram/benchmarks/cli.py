@@ -230,6 +230,8 @@ def cmd_speedrun(args) -> int:
         target_loss=args.target_loss, preset=preset, max_minutes=args.max_minutes, runs=args.runs,
         data_dir=args.data, eval_every=args.eval_every, first_seed=args.seed,
         out_dir=args.out or os.path.join("runs", f"speedrun-{stamp}"), train_args=tuple(extra))
+    json_dir = os.path.dirname(os.path.abspath(args.json or os.path.join(RESULTS_DIR, "x.json")))
+    speedrun.check_outputs(settings.out_dir, settings, json_dir, "--json" if args.json else f"{RESULTS_DIR}/")
     rep = speedrun.run(settings, command=speedrun.command(settings))
     path = args.json or os.path.join(RESULTS_DIR, f"speedrun-{slug(rep['environment'].get('device', 'device'))}-"
                                                   f"{stamp}.json")

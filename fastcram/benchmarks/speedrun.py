@@ -59,6 +59,24 @@ def command(settings: SpeedrunSettings) -> str:
     return shlex.join(argv + (["--", *settings.train_args] if settings.train_args else []))
 
 
+def check_outputs(out_dir: str, settings: SpeedrunSettings, json_dir: str, json_flag: str) -> None:
+    """Before any run: the report's folder can be written and no run folder is there already (a failure
+    after the runs would lose them)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file; give a folder for the runs")
+    taken = [f"seed-{settings.first_seed + i}" for i in range(settings.runs)
+             if os.path.exists(os.path.join(out_dir, f"seed-{settings.first_seed + i}"))]
+    if taken:
+        raise UserError(f"--out {out_dir} already holds {taken[0]}; give a new folder for the runs")
+    try:
+        os.makedirs(json_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{json_flag}: cannot create the folder {json_dir} ({e.strerror}); choose another "
+                        f"path") from None
+    if not os.access(json_dir, os.W_OK):
+        raise UserError(f"{json_flag}: the folder {json_dir} is not writable; choose another path")
+
+
 def subprocess_runner(argv: list[str]) -> int:
     """`fastcram ARGV` in a fresh Python process; its progress goes to this process's stderr."""
     return subprocess.call([sys.executable, "-m", "fastcram", *argv])

@@ -153,6 +153,8 @@ class HeldOutBlocks:
     def read(self, count: int | None = None) -> np.ndarray:
         """`count` blocks spread evenly over the split (all when None or more), in a fixed order:
         [n, seq_len] uint16, in memory. Every held-out file's checksum is checked first."""
+        from ..files import sha256_file  # (imported here: the training shards' verification is the loader's own)
+
         for s in self.entries:
             if sha256_file(s["path"]) != s["sha256"]:
                 raise UserError(f"held-out shard {s['path']} is corrupt (its checksum differs from {MANIFEST}); "
