@@ -25,6 +25,8 @@ def _micro_batch(s: str):
 
 
 def _add_train(sub) -> None:
+    from .config import eval_every as _eval_every
+
     p = sub.add_parser("train", help="train crammed BERT until the wall-clock budget is spent")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--hours", type=_positive_float("--hours"), help="budget in hours (default 24)")
@@ -89,6 +91,14 @@ def _add_train(sub) -> None:
                         "when none could be written for 10%% of the budget)")
     p.add_argument("--max-bad-steps", type=_positive_int("--max-bad-steps"),
                    help="stop after this many consecutive non-finite steps (default 20)")
+    p.add_argument("--eval-every", type=_eval_every, metavar="S|P%",
+                   help="held-out MLM loss every S seconds of budget, or each time the budget spent has grown by "
+                        "P%% (a time read off the evaluations is then known to P%%); 0: no evaluation. Off the "
+                        "budget clock (default: every 2%% of the budget, at least 10 s apart)")
+    p.add_argument("--eval-blocks", type=_positive_int("--eval-blocks"),
+                   help="held-out blocks evaluated, spread evenly over the split (default 512)")
+    p.add_argument("--target-loss", type=_positive_float("--target-loss"), metavar="L",
+                   help="stop, and finish normally, once the held-out loss is at most L")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_train, parser=p)
 
@@ -154,6 +164,12 @@ def cmd_train(args) -> int:
     tcfg.telemetry_interval_s = args.telemetry_interval
     tcfg.deterministic, tcfg.verify_data = args.deterministic, args.verify_data
     tcfg.stop_on_checkpoint_error = args.stop_on_checkpoint_error
+    if args.eval_every is not None:
+        kind, v = args.eval_every
+        tcfg.eval_every_s, tcfg.eval_growth = (v, None) if kind == "every" else (None, v)
+    tcfg.target_loss = args.target_loss
+    if args.eval_blocks is not None:
+        tcfg.eval_blocks = args.eval_blocks
     for flag, field in (("micro_batch", "micro_batch"), ("final_batch", "final_batch"),
                         ("log_interval", "log_interval_s"), ("checkpoint_interval", "checkpoint_interval_s"),
                         ("max_steps", "max_steps"), ("lr", "lr"), ("keep_checkpoints", "keep_checkpoints"),
@@ -266,11 +282,31 @@ def _add_data(sub) -> None:
     d.add_argument("--order", choices=["shuffle", "curriculum", "stream"], default="shuffle",
                    help="block order: shuffle (seeded, default), curriculum (blocks with the most '.' tokens first, "
                         "ties shuffled), stream (as read)")
+    d.add_argument("--holdout-docs", type=_holdout_docs, metavar="N|F",
+                   help="held-out split of whole documents, never trained on: N (a whole number) holds out N "
+                        "documents, drawn at a rate of 1%% from the start of the stream; F (below 1) that share of "
+                        "all documents; 0 none (default: 1%%, at most 1000 documents)")
     d.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
     d.add_argument("--text-field", default="text", help="JSONL key / Parquet or dataset column with the text")
     d.add_argument("--workers", type=_positive_int("--workers"), help="tokenising processes (default: all cores)")
     d.add_argument("--quiet", action="store_true", help="no progress lines")
     d.set_defaults(func=cmd_data_prepare)
+
+
+def _holdout_docs(s: str) -> tuple[str, float]:
+    """--holdout-docs: ("count", N) for a whole number >= 1, ("share", F) for 0 <= F < 1."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"--holdout-docs needs a number of documents or a share below 1, got {s!r}")
+    if v < 1:
+        return "share", v
+    if v != int(v):
+        raise argparse.ArgumentTypeError(f"--holdout-docs {s}: a number of documents must be whole (or give a "
+                                         f"share below 1)")
+    return "count", int(v)
 
 
 def cmd_data_prepare(args) -> int:
@@ -284,6 +320,12 @@ def cmd_data_prepare(args) -> int:
     opts = PrepareOptions(weights=args.weights, workers=args.workers, max_documents=args.max_documents,
                           max_tokens=args.max_tokens, tokenizer_sample_docs=args.tokenizer_sample_docs,
                           order=args.order, seed=args.seed, text_field=args.text_field)
+    if args.holdout_docs is not None:
+        kind, v = args.holdout_docs
+        if kind == "count":  # N documents at the default rate
+            opts.holdout_max_docs = v
+        else:  # a share of all documents, no cap
+            opts.holdout_rate, opts.holdout_max_docs = v, None
     prepare(args.input, args.out, cfg, tokenizer_path=args.tokenizer, progress=not args.quiet, options=opts)
     return 0
 
@@ -318,6 +360,7 @@ def cmd_profile(args) -> int:
     tcfg.profile_steps = f"{args.warmup}:{args.warmup + args.steps}"
     tcfg.max_steps = args.warmup + args.steps
     tcfg.log_interval_s = 1e9
+    tcfg.eval_every_s = 0.0  # no held-out evaluation in a profiling session
     opts = RunOptions(train=tcfg, preset=name, data_dir=args.data, out_dir=args.out, peak_tflops=args.peak_tflops)
     summary = train(opts)
     if not summary.get("profile"):

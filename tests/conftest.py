@@ -38,3 +38,19 @@ def small_data(tmp_path_factory) -> str:
     # A 512-word vocabulary splits words finely, so the recipe threshold (0.25) would drop everything.
     prepare([src], out, DataConfig(vocab_size=512, shard_blocks=256, compression_threshold=0.6), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def heldout_data(tmp_path_factory) -> str:
+    """The small corpus (vocab 512) prepared with a quarter of its documents held out."""
+    from fastcram.config import DataConfig
+    from fastcram.data.prepare import PrepareOptions, prepare
+
+    from .helpers import write_small_corpus
+
+    root = tmp_path_factory.mktemp("heldout_data")
+    src = write_small_corpus(str(root / "src" / "corpus.txt"))
+    out = str(root / "prepared")
+    prepare([src], out, DataConfig(vocab_size=512, shard_blocks=256, compression_threshold=0.6), progress=False,
+            options=PrepareOptions(holdout_rate=0.25, holdout_max_docs=None))
+    return out

@@ -26,3 +26,19 @@ class FakeClock:
     def __call__(self) -> float:
         self.t += self.tick
         return self.t
+
+
+def _splitmix64(x: int) -> int:
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def held_out_indices(n_docs: int, rate: float = 0.01, max_docs: int | None = 1000, seed: int = 0) -> list[int]:
+    """The documents `data prepare` holds out, by their index in the stream, computed independently of it
+    (plain Python integers): splitmix64(index ^ splitmix64(seed)) / 2^64 below rate, the first max_docs."""
+    key = _splitmix64(seed)
+    chosen = [i for i in range(n_docs) if (_splitmix64(i ^ key) >> 11) * 2.0 ** -53 < rate]
+    return chosen if max_docs is None else chosen[:max_docs]

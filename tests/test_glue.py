@@ -399,3 +399,33 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
     assert "unknown GLUE task" in _cli_error(capsys, tiny_run, "--tasks", "sst2,wnli")
     assert "--data-dir" in _cli_error(capsys, tiny_run, "--data-dir", str(tmp_path / "nope"))
     assert not os.path.exists(os.path.join(tiny_run, "glue.json"))  # nothing written on error
+
+
+def test_default_fine_tuning_lr_follows_the_preset(tiny_run, glue_dir, tmp_path):
+    """The tiny preset fine-tunes at 1e-3, crammed-bert at the recipe's 4e-5; --lr overrides either."""
+    import shutil
+
+    from fastcram.config import PRESETS
+
+    root, _ = glue_dir
+    big = tmp_path / "big"
+    shutil.copytree(tiny_run, big)  # the same run, labelled crammed-bert
+    config = json.loads((big / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps({**config, "preset": "crammed-bert"}))
+
+    def report(run, *extra):
+        out = tmp_path / f"r{len(os.listdir(tmp_path))}.json"
+        assert main(["eval", "glue", str(run), "--data-dir", root, "--tasks", "rte", "--seeds", "1", "--epochs", "1",
+                     "--max-examples", "32", "--device", "cpu", "--kernels", "torch", "--out", str(out), "--quiet",
+                     *extra]) == 0
+        return json.loads(out.read_text())
+
+    tiny, given, slow, recipe = (report(tiny_run), report(tiny_run, "--lr", "1e-3"), report(tiny_run, "--lr", "4e-5"),
+                                 report(big))
+    assert PRESETS["tiny"].finetune_lr == 1e-3 and PRESETS["crammed-bert"].finetune_lr == 4e-5
+    assert tiny["protocol"]["lr"] == 1e-3 and tiny["lr_from"] == "preset tiny"
+    assert recipe["protocol"]["lr"] == 4e-5 and recipe["lr_from"] == "preset crammed-bert"
+    assert given["lr_from"] == "--lr" and slow["protocol"]["lr"] == 4e-5
+    loss = {name: r["tasks"]["rte"]["runs"][0]["train_loss"] for name, r in
+            (("tiny", tiny), ("given", given), ("slow", slow), ("recipe", recipe))}
+    assert loss["tiny"] == loss["given"] and loss["slow"] == loss["recipe"] != loss["tiny"]  # the lr that trained

@@ -23,6 +23,7 @@ from fastcram.data.prepare import PrepareOptions, prepare
 from fastcram.data.sources import _plain_documents, iter_documents
 from fastcram.data.tokenizer import train_tokenizer
 from fastcram.errors import UserError
+from tests.helpers import held_out_indices
 from tests.test_tokenizer import byte_level_bpe
 from tokenizers import Tokenizer
 
@@ -72,8 +73,10 @@ def run_prepare(work, out: str, inputs=None, **opts) -> dict:
 
 
 def shard_bytes(folder) -> dict[str, bytes]:
+    """Training and held-out shards."""
     m = json.load(open(os.path.join(folder, "manifest.json")))
-    return {s["file"]: open(os.path.join(folder, s["file"]), "rb").read() for s in m["shards"]}
+    return {s["file"]: open(os.path.join(folder, s["file"]), "rb").read()
+            for s in m["shards"] + m["holdout"]["shards"]}
 
 
 def all_blocks(folder) -> np.ndarray:
@@ -237,7 +240,8 @@ def test_interrupt_and_resume_is_byte_identical(work, tmp_path, monkeypatch, ref
     m = run_prepare(work, out, order=order, workers=workers)
     assert shard_bytes(out) == shard_bytes(reference[order][0])
     assert same_manifest(m, reference[order][1])
-    assert sorted(f for f in os.listdir(out) if not f.startswith("shard-")) == ["manifest.json", "tokenizer.json"]
+    assert sorted(f for f in os.listdir(out) if not f.startswith("shard-")) == ["holdout-00000.bin", "manifest.json",
+                                                                              "tokenizer.json"]
     with pytest.raises(UserError, match="already holds a prepared corpus"):  # never rewritten in place
         run_prepare(work, out, order=order, workers=workers)
 
@@ -296,14 +300,16 @@ def test_progress_line(capsys):
     assert line.split() == ["1,234", "docs,", "5.6M", "tokens,", "2.5", "MB/s,", "25.0%,", "ETA", "0m30s"], line
 
 
-def tokenizer_stream(tok_path: str, docs: list[str]) -> list[int]:
-    """The kept documents' ids, each followed by <sep>, as the tokenizer itself encodes them."""
+def tokenizer_stream(tok_path: str, docs: list[str], held_out: bool = False) -> list[int]:
+    """The kept training documents' ids (held_out: the kept held-out documents'), each followed by <sep>, as
+    the tokenizer itself encodes them; the held-out ones by the default rule (tests/helpers.py)."""
     tok = Tokenizer.from_file(tok_path)
     sep = tok.token_to_id("<sep>")
     tok.encode_special_tokens = True
+    held = set(held_out_indices(len(docs)))
     stream = []
-    for doc, enc in zip(docs, tok.encode_batch(docs, add_special_tokens=False)):
-        if enc.ids and len(enc.ids) / len(doc) < CFG.compression_threshold:
+    for i, (doc, enc) in enumerate(zip(docs, tok.encode_batch(docs, add_special_tokens=False))):
+        if enc.ids and len(enc.ids) / len(doc) < CFG.compression_threshold and (i in held) == held_out:
             stream += enc.ids + [sep]
     return stream
 
@@ -311,6 +317,8 @@ def tokenizer_stream(tok_path: str, docs: list[str]) -> list[int]:
 def test_stream_holds_the_tokenizers_own_ids(work, docs, reference):
     flat = all_blocks(reference["stream"][0]).reshape(-1)
     assert flat.tolist() == tokenizer_stream(str(work / "tok.json"), docs)[:len(flat)]
+    held = BlockDataset(reference["stream"][0]).holdout.read().reshape(-1)
+    assert len(held) > 0 and held.tolist() == tokenizer_stream(str(work / "tok.json"), docs, held_out=True)[:len(held)]
 
 
 def test_a_tokenizer_that_is_not_separable_is_encoded_whole(work, tmp_path, docs, capsys):

@@ -94,6 +94,7 @@ def add_parser(sub) -> None:
     pl.add_argument("--out", metavar="DIR", default=os.path.join(RESULTS_DIR, "plots"),
                     help="folder for the PNGs (default bench/results/plots)")
     pl.set_defaults(func=cmd_plot)
+    _add_speedrun(bsub)
 
 
 def _switch_keys() -> list[str]:
@@ -266,4 +267,74 @@ def cmd_plot(args) -> int:
     check_output_dir(args.out, "--out")
     for path in plot(paths, args.out):
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_speedrun(bsub) -> None:
+    """Flags of `fastcram bench speedrun` (the work is in speedrun.py)."""
+    import argparse
+
+    from ..config import positive_float as _positive_float
+
+    r = bsub.add_parser("speedrun", help="wall time to a held-out MLM loss over several seeds: how fast the "
+                                         "model learns, not only how many tokens/s",
+                        description="Each run is a `fastcram train` with a budget of --max-minutes (its schedules "
+                                    "follow it), stopped at the first held-out evaluation at or under --target-loss. "
+                                    "Time to target: the budget clock there (compile included, evaluation excluded). "
+                                    "Flags after -- go to every `fastcram train`, e.g. -- --kernels triton.")
+    r.add_argument("--target-loss", type=_positive_float("--target-loss"), required=True, metavar="L",
+                   help="held-out MLM loss to reach")
+    r.add_argument("--preset", help="model preset (default crammed-bert on a GPU, tiny on the CPU)")
+    r.add_argument("--data", metavar="DIR", help="a folder made by `fastcram data prepare`, with a held-out split "
+                                                 "(default: the built-in corpus)")
+    r.add_argument("--runs", type=_positive_int("--runs"), default=3, help="runs, seeds 0..N-1 (default 3)")
+    r.add_argument("--max-minutes", type=_positive_float("--max-minutes"), default=10.0, metavar="M",
+                   help="each run's budget in minutes; its lr and batch schedules follow it (default 10)")
+    r.add_argument("--eval-every", default="2%", metavar="P%|S",
+                   help="evaluate each time the budget spent has grown by P%% (the time to target is known to "
+                        "about P%%), or every S seconds (default 2%%)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the first run (default 0)")
+    r.add_argument("--out", metavar="DIR", help="folder for the runs (default runs/speedrun-<time>)")
+    r.add_argument("--json", metavar="FILE", help="report (default bench/results/speedrun-<device>-<time>.json)")
+    r.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
+    r.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_FLAGS",
+                   help="more `fastcram train` flags for every run")
+    r.set_defaults(func=cmd_speedrun)
+
+
+def cmd_speedrun(args) -> int:
+    import argparse
+
+    from ..config import PRESETS, eval_every as _eval_every
+    from . import speedrun
+    from .plot import slug
+    from .table import print_table
+
+    try:
+        _eval_every(args.eval_every)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(str(e)) from None
+    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.preset is not None and args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown; choose one of {', '.join(PRESETS)}")
+    import torch
+
+    preset = args.preset or ("crammed-bert" if torch.cuda.is_available() else "tiny")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    settings = speedrun.SpeedrunSettings(
+        target_loss=args.target_loss, preset=preset, max_minutes=args.max_minutes, runs=args.runs,
+        data_dir=args.data, eval_every=args.eval_every, first_seed=args.seed,
+        out_dir=args.out or os.path.join("runs", f"speedrun-{stamp}"), train_args=tuple(extra))
+    json_dir = os.path.dirname(os.path.abspath(args.json or os.path.join(RESULTS_DIR, "x.json")))
+    speedrun.check_outputs(settings.out_dir, settings, json_dir, "--json" if args.json else f"{RESULTS_DIR}/")
+    rep = speedrun.run(settings, command=speedrun.command(settings))
+    path = args.json or os.path.join(RESULTS_DIR, f"speedrun-{slug(rep['environment'].get('device', 'device'))}-"
+                                                  f"{stamp}.json")
+    speedrun.write(rep, path)
+    print_table(speedrun.TABLE_HEADERS, speedrun.table_cells(rep), speedrun.title(rep), plain=args.plain)
+    print(f"wrote {path}", file=sys.stderr)
+    if rep["reached"] < rep["runs"]:
+        print(f"fastcram: {rep['runs'] - rep['reached']} of {rep['runs']} run(s) did not reach held-out loss "
+              f"{args.target_loss:g} within {args.max_minutes:g} min", file=sys.stderr)
+        return 1
     return 0

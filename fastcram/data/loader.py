@@ -99,6 +99,7 @@ class BlockDataset:
         self.tokenizer = tok
         self.special = special_ids(tok, source=self.tokenizer_path)
         self.vocab_size = tok.get_vocab_size()
+        self.holdout, self.no_holdout_reason = HeldOutBlocks.open(data_dir, self.manifest, self.seq_len)
         for f, s in zip(self.shard_files, shards):
             if not os.path.isfile(f) or os.path.getsize(f) != s["bytes"]:
                 raise UserError(f"shard {f} is missing or has the wrong size (manifest says {s['bytes']} bytes); "
@@ -185,6 +186,60 @@ class BlockDataset:
         for s in np.unique(shard_of):
             rows = np.flatnonzero(shard_of == s)
             out[rows] = self.shard(int(s))[indices[rows] - self.starts[s]]
+        return out
+
+
+class HeldOutBlocks:
+    """The held-out split of a data folder (manifest "holdout"): whole documents `data prepare` set aside,
+    in their own files, which the training loader never reads."""
+
+    def __init__(self, data_dir: str, section: dict, seq_len: int):
+        self.dir, self.section, self.seq_len = data_dir, section, seq_len
+        path = os.path.join(data_dir, MANIFEST)
+        try:
+            self.entries = [{**s, "path": inside(data_dir, s["file"])} for s in section["shards"]]
+            self.total_blocks = sum(int(s["blocks"]) for s in self.entries)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path} has an invalid held-out split ({e}); prepare the data again") from None
+        for s in self.entries:
+            if not os.path.isfile(s["path"]) or os.path.getsize(s["path"]) != s["bytes"]:
+                raise UserError(f"held-out shard {s['path']} is missing or has the wrong size (manifest says "
+                                f"{s['bytes']} bytes); prepare the data again")
+
+    @staticmethod
+    def open(data_dir: str, manifest: dict, seq_len: int) -> tuple["HeldOutBlocks | None", str | None]:
+        """(the held-out split, None) or (None, why there is none)."""
+        section = manifest.get("holdout")
+        if section is None:
+            return None, (f"{data_dir} has no held-out split (prepared by a fastcram before held-out splits, "
+                          f"manifest format {manifest.get('format', 1)}); prepare it again to get one")
+        if not section.get("blocks"):
+            return None, (f"the held-out split of {data_dir} is empty (its held-out documents fill no block); "
+                          f"prepare it again with a larger --holdout-docs share")
+        return HeldOutBlocks(data_dir, section, seq_len), None
+
+    def __len__(self) -> int:
+        return self.total_blocks
+
+    def read(self, count: int | None = None) -> np.ndarray:
+        """`count` blocks spread evenly over the split (all when None or more), in a fixed order:
+        [n, seq_len] uint16, in memory. Every held-out file's checksum is checked first."""
+        from ..files import sha256_file  # (imported here: the training shards' verification is the loader's own)
+
+        for s in self.entries:
+            if sha256_file(s["path"]) != s["sha256"]:
+                raise UserError(f"held-out shard {s['path']} is corrupt (its checksum differs from {MANIFEST}); "
+                                f"prepare the data again")
+        n = self.total_blocks
+        rows = np.arange(n) if count is None or count >= n else np.linspace(0, n - 1, count).round().astype(np.int64)
+        starts = np.cumsum([0] + [int(s["blocks"]) for s in self.entries])
+        out = np.empty((len(rows), self.seq_len), dtype=np.uint16)
+        for i, s in enumerate(self.entries):
+            mine = np.flatnonzero((rows >= starts[i]) & (rows < starts[i + 1]))
+            if len(mine):
+                shard = np.memmap(s["path"], dtype=np.uint16, mode="r", shape=(int(s["blocks"]), self.seq_len))
+                out[mine] = shard[rows[mine] - starts[i]]
+                del shard
         return out
 
 

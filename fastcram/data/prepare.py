@@ -22,9 +22,18 @@ removed: a folder without a manifest is recognisably unfinished. Memory: the mai
 buffer, at most workers + 2 chunks in flight and, while ordering, one shard and one bucket; a worker holds
 one chunk and at most DocumentEncoder.max_entries remembered words. A single document is held whole.
 
+Held-out split: whole documents are set aside before tokenising, never written to the training shards: each
+document is held out when a hash of its index in the document stream (with a fixed seed, not --seed: another
+shuffle keeps the held-out set) falls under --holdout-docs's rate (1% by default), until the cap (1000
+documents by default; counted before the compression filter, like --max-documents) is reached. The held-out
+documents are joined with <sep> like the training stream and appended to holdout-00000.bin in stream order
+(after their chunk's training shards, so a resume truncates it back to the journal's length); the manifest
+records the rule, the counts and the file, cut to whole blocks.
+
 Files: a prepare writes only into a new or empty folder, or one holding its own journal; it deletes only files
-with the names it gives its own (shard-, stream-, bucket-NNNNN.bin, its JSON files, their temp files), and a
-journal naming anything else, or anything outside the folder, is refused before anything is touched.
+with the names it gives its own (shard-, stream-, bucket-, holdout-NNNNN.bin, its JSON files, their temp
+files), and a journal naming anything else, or anything outside the folder, is refused before anything is
+touched.
 
 This module does not import torch, so `data prepare` and its worker processes start light.
 """
@@ -58,11 +67,15 @@ from .tokenizer import (DocumentEncoder, load_tokenizer, save_tokenizer, special
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 JOURNAL = "prepare-state.json"
-FORMAT_VERSION = 2  # 2: text that spells a special token is encoded as text
+FORMAT_VERSION = 3  # 2: text that spells a special token is encoded as text; 3: a held-out split
+HOLDOUT_FILE = "holdout-00000.bin"
+HOLDOUT_RATE = 0.01  # the default share of documents held out ...
+HOLDOUT_MAX_DOCS = 1000  # ... and the default cap
+HOLDOUT_SEED = 0  # of the held-out draw: fixed (not --seed), so a reshuffle keeps the same held-out documents
 # The names of the files a prepare writes (and of their temp files): the only ones it ever deletes
 _SHARD_NAME = re.compile(r"(?:shard|stream)-\d{5,}\.bin")
-_OWN_FILE = re.compile(r"(?:(?:shard|stream|bucket)-\d{5,}\.bin|prepare-state\.json|tokenizer\.json|manifest\.json)"
-                       r"(?:\.tmp\d+)?")
+_OWN_FILE = re.compile(r"(?:(?:shard|stream|bucket|holdout)-\d{5,}\.bin|prepare-state\.json|tokenizer\.json"
+                       r"|manifest\.json)(?:\.tmp\d+)?")
 _JOURNAL_TEMP = re.compile(r"prepare-state\.json\.tmp\d+")
 ORDERS = ("shuffle", "curriculum", "stream")
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
@@ -79,6 +92,8 @@ class PrepareOptions:
     seed: int = 0  # for the shuffle
     text_field: str = "text"  # JSONL key / Parquet or dataset column holding the text
     chunk_chars: int = 1 << 20  # characters per tokenisation task; fixes the resume points, so it is fingerprinted
+    holdout_rate: float = HOLDOUT_RATE  # each document is held out when its seeded draw is below this (0: none)
+    holdout_max_docs: int | None = HOLDOUT_MAX_DOCS  # ... until this many are (None: no cap); before the filter
 
     def check(self, n_inputs: int) -> None:
         if self.order not in ORDERS:
@@ -89,7 +104,11 @@ class PrepareOptions:
                                 f"one per --input, in the same order")
             if not all(w > 0 and math.isfinite(w) for w in self.weights):
                 raise UserError(f"--weights {' '.join(map(str, self.weights))}: every weight must be positive")
-        for name in ("workers", "max_documents", "max_tokens", "tokenizer_sample_docs", "chunk_chars"):
+        if not 0 <= self.holdout_rate < 1:
+            raise UserError(f"--holdout-docs: the held-out share must be at least 0 and below 1, got "
+                            f"{self.holdout_rate}")
+        for name in ("workers", "max_documents", "max_tokens", "tokenizer_sample_docs", "chunk_chars",
+                     "holdout_max_docs"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -103,6 +122,8 @@ class Stats:
     dropped_tokens: int = 0
     chars: int = 0
     bytes: int = 0  # UTF-8 bytes of the documents tokenised
+    holdout_docs: int = 0  # of the kept documents, those in the held-out split (kept_* count them too)
+    holdout_tokens: int = 0  # their tokens, <sep> included
 
     def add(self, other: "Stats") -> None:
         for k, v in asdict(other).items():
@@ -165,16 +186,19 @@ def _claim_folder(out_dir: str, tokenizer_path: str | None) -> tuple[dict | None
 # ---------------------------------------------------------------- tokenising a chunk
 
 class ChunkEncoder:
-    """Tokenises a list of documents, drops the ones that compress badly and joins the rest with <sep>."""
+    """Tokenises a list of documents, drops the ones that compress badly and joins the rest with <sep>: the
+    training documents into one stream, the held-out ones into another."""
 
     def __init__(self, tok, sep: int, threshold: float):
         self.encode = DocumentEncoder(tok)
         self.sep, self.threshold = np.array([sep], dtype=np.uint16), threshold
 
-    def __call__(self, docs: list[str]):
-        """-> (uint16 ids of the kept documents, each followed by <sep>; tokens per document incl. <sep>,
-        0 when dropped; Stats)."""
+    def __call__(self, docs: list[str], held: np.ndarray | None = None):
+        """held [n_docs] bool: the held-out documents. -> (uint16 ids of the kept training documents, each
+        followed by <sep>; their tokens per document incl. <sep>, 0 when dropped or held out; Stats; the same
+        ids of the kept held-out documents)."""
         parts: list[np.ndarray] = []
+        held_parts: list[np.ndarray] = []
         lens = np.zeros(len(docs), dtype=np.int64)
         st = Stats()
         for i, (doc, ids) in enumerate(zip(docs, self.encode(docs))):
@@ -187,9 +211,18 @@ class ChunkEncoder:
                 continue
             st.kept_docs += 1
             st.kept_tokens += n
-            parts += (ids, self.sep)
-            lens[i] = n + 1
-        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)), lens, st
+            if held is not None and held[i]:
+                st.holdout_docs += 1
+                st.holdout_tokens += n + 1
+                held_parts += (ids, self.sep)
+            else:
+                parts += (ids, self.sep)
+                lens[i] = n + 1
+        return _joined(parts), lens, st, _joined(held_parts)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
 _worker_encoder: ChunkEncoder | None = None
@@ -212,8 +245,8 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _encode_in_worker(docs: list[str]):
-    return _worker_encoder(docs)
+def _encode_in_worker(docs: list[str], held: np.ndarray | None):
+    return _worker_encoder(docs, held)
 
 
 @contextlib.contextmanager
@@ -237,6 +270,41 @@ class Chunk:
     texts: list[str] | None
     sources: np.ndarray  # [n_docs] input index of each document
     chars: np.ndarray  # [n_docs] characters of each document
+    held: np.ndarray | None = None  # [n_docs] bool: held out (set by mark_holdout)
+    held_before: int = 0  # documents held out before this chunk
+
+
+def holdout_draw(seed: int, first: int, n: int) -> np.ndarray:
+    """[n] uniform numbers in [0, 1) for the documents first..first+n-1 of the stream: splitmix64 of the
+    document index mixed with the seed, a pure function of (seed, index), so the held-out set does not depend
+    on chunking, workers or resumes."""
+    mask = (1 << 64) - 1
+    seed_mix = _splitmix64(np.array([seed & mask], dtype=np.uint64))
+    z = _splitmix64(np.arange(first, first + n, dtype=np.uint64) ^ seed_mix)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash wants
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def mark_holdout(chunks: Iterator[Chunk], opts: "PrepareOptions", held_before: int) -> Iterator[Chunk]:
+    """Each chunk with its held-out documents marked: a draw under opts.holdout_rate, until
+    opts.holdout_max_docs documents are held out (held_before of them before the first chunk given)."""
+    count = held_before
+    for ch in chunks:
+        n = len(ch.sources)
+        held = (holdout_draw(HOLDOUT_SEED, ch.first_doc, n) < opts.holdout_rate if opts.holdout_rate > 0
+                else np.zeros(n, dtype=bool))
+        if opts.holdout_max_docs is not None:
+            held[np.flatnonzero(held)[max(opts.holdout_max_docs - count, 0):]] = False
+        ch.held, ch.held_before = held, count
+        count += int(held.sum())
+        yield ch
 
 
 def make_chunks(docs: Iterator[tuple[int, str]], chunk_chars: int, max_documents: int | None,
@@ -269,7 +337,7 @@ def tokenised(chunks: Iterator[Chunk], tok, sep: int, threshold: float, workers:
         encoder = ChunkEncoder(tok, sep, threshold)
         with _serial_tokenizers():
             for ch in chain(head, chunks):
-                yield ch, encoder(ch.texts)
+                yield ch, encoder(ch.texts, ch.held)
         return
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
@@ -277,7 +345,7 @@ def tokenised(chunks: Iterator[Chunk], tok, sep: int, threshold: float, workers:
     pending: deque = deque()
     try:
         for ch in chain(head, chunks):
-            pending.append((ch, pool.submit(_encode_in_worker, ch.texts)))
+            pending.append((ch, pool.submit(_encode_in_worker, ch.texts, ch.held)))
             ch.texts = None  # the pool holds them until done
             if len(pending) >= workers + 2:
                 done, fut = pending.popleft()
@@ -383,7 +451,7 @@ def _fresh_state(fingerprint: dict) -> dict:
     return {"version": FORMAT_VERSION, "fingerprint": fingerprint, "tokenizer_hash": None, "phase": "tokenizer",
             "stream": {"shards": [], "done": False,
                        "resume": {"chunk": 0, "skip_tokens": 0, "tokens_before": 0, "stats": asdict(Stats()),
-                                  "inputs": None}},
+                                  "inputs": None, "holdout_docs": 0, "holdout_tokens": 0}},
             "scatter": None, "gather": None}
 
 
@@ -466,13 +534,17 @@ def _stream_phase(run: _Run) -> None:
                            f"before chunk {res['chunk']} without tokenising them")
     bar = ProgressLine(run.progress)
     pos = res["tokens_before"]  # stream position of the current chunk's first token
+    held_path = os.path.join(run.out_dir, HOLDOUT_FILE)
+    held_len, held_docs = res["holdout_tokens"], res["holdout_docs"]
+    _truncate(held_path, held_len * 2, run.out_dir)  # appends after the last journal entry are undone
     docs = mix_documents(run.inputs, opts.weights)
-    chunks = make_chunks(docs, opts.chunk_chars, opts.max_documents, start=res["chunk"])
+    chunks = mark_holdout(make_chunks(docs, opts.chunk_chars, opts.max_documents, start=res["chunk"]), opts,
+                          held_docs)
     results = tokenised(chunks, run.tok, run.sep, cfg.compression_threshold, run.workers)
     with contextlib.closing(results):  # stops the pool at once when a limit ends the stream early
-        for chunk, (ids, lens, cst) in results:
+        for chunk, (ids, lens, cst, held_ids) in results:
             before = {"chunk": chunk.index, "tokens_before": pos, "stats": asdict(stats),
-                      "inputs": per_input.tolist()}
+                      "inputs": per_input.tolist(), "holdout_docs": chunk.held_before, "holdout_tokens": held_len}
             stats.add(cst)
             _count_inputs(per_input, chunk, lens)
             skip = res["skip_tokens"] if chunk.index == res["chunk"] else 0
@@ -481,6 +553,11 @@ def _stream_phase(run: _Run) -> None:
                 _add_shard(st, entry)
                 st["resume"] = {**before, "skip_tokens": skip + used}
                 run.journal.save()
+            if len(held_ids):  # after the chunk's journal entries, which record the length before it
+                with open(held_path, "ab") as f:
+                    f.write(held_ids.tobytes())
+                held_len += len(held_ids)
+            held_docs = chunk.held_before + int(chunk.held.sum())
             pos += len(ids)
             n_docs = chunk.first_doc + len(chunk.sources)
             bar.update(n_docs, min(pos, opts.max_tokens or pos), stats.bytes, _fraction(run, pos, n_docs))
@@ -493,11 +570,14 @@ def _stream_phase(run: _Run) -> None:
     st["done"] = True
     st["stats"] = asdict(stats)
     st["inputs_final"] = per_input.tolist()
+    st["holdout_final"] = {"selected_docs": held_docs, "tokens": held_len}
     if not st["shards"]:
         raise UserError(f"the input ({', '.join(i.spec for i in run.inputs)}) yields no complete {cfg.seq_len}-token "
                         f"block after the compression filter (kept {stats.kept_docs} of "
-                        f"{stats.kept_docs + stats.dropped_docs} documents); give more text or raise "
-                        f"--compression-threshold")
+                        f"{stats.kept_docs + stats.dropped_docs} documents"
+                        + (f", {stats.holdout_docs} of them held out" if stats.holdout_docs else "") +
+                        "); give more text, raise --compression-threshold" +
+                        (" or hold out fewer documents (--holdout-docs)" if stats.holdout_docs else ""))
     run.journal.state["phase"] = "done" if opts.order == "stream" else "scatter"
     run.journal.save()
 
@@ -642,7 +722,8 @@ def _fingerprint(inputs: list[Input], cfg: DataConfig, opts: PrepareOptions, tok
     fp = {"inputs": [inp.fingerprint() for inp in inputs], "tokenizer": tokenizer,
           **{k: getattr(cfg, k) for k in ("seq_len", "shard_blocks", "doc_chars", "compression_threshold")},
           **{k: getattr(opts, k) for k in ("weights", "max_documents", "max_tokens", "order", "text_field",
-                                           "chunk_chars")}}
+                                           "chunk_chars")},
+          "holdout": [opts.holdout_rate, opts.holdout_max_docs] if opts.holdout_rate > 0 else None}
     if opts.order != "stream":
         fp["seed"] = opts.seed
     return json.loads(json.dumps(fp))  # as the journal stores it (tuples become lists)
@@ -721,13 +802,17 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
     except KeyboardInterrupt:
         _say(progress, f"\nprepare interrupted; {out_dir} is unfinished: rerun the same command to resume")
         raise
-    manifest = _manifest(run, special_ids(tok))
+    manifest = _manifest(run, special_ids(tok), _holdout_section(run))
     atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
     _remove(journal.path)
-    st = manifest["filter"]
+    st, ho = manifest["filter"], manifest["holdout"]
     _say(progress, f"prepared {manifest['total_blocks']} blocks of {cfg.seq_len} tokens in "
                    f"{len(manifest['shards'])} shard(s) ({st['kept_docs']} docs kept, {st['dropped_docs']} dropped "
-                   f"by the filter, order {opts.order}) in {time.time() - t0:.0f}s -> {out_dir}")
+                   f"by the filter, order {opts.order}); held out {ho['docs']} docs ({ho['blocks']} blocks) in "
+                   f"{time.time() - t0:.0f}s -> {out_dir}")
+    if ho["blocks"] == 0 and opts.holdout_rate > 0:
+        _say(progress, f"note: the held-out documents fill no {cfg.seq_len}-token block: training will have no "
+                       f"held-out loss; a larger --holdout-docs share or more text gives one")
     return manifest
 
 
@@ -778,7 +863,26 @@ def _run_phases(run: _Run) -> None:
         _gather_phase(run)
 
 
-def _manifest(run: _Run, ids) -> dict:
+def _holdout_section(run: _Run) -> dict:
+    """The held-out split for the manifest: the rule, the counts, and holdout-00000.bin cut to whole blocks
+    (idempotent, so a prepare killed after the cut finishes the same), or removed when it fills none."""
+    opts, L = run.opts, run.cfg.seq_len
+    final = run.journal.state["stream"]["holdout_final"]
+    stats = run.journal.state["stream"]["stats"]
+    blocks = final["tokens"] // L
+    path = os.path.join(run.out_dir, HOLDOUT_FILE)
+    shards = []
+    if blocks:
+        _truncate(path, blocks * L * 2, run.out_dir)
+        shards.append(_shard_entry(run.out_dir, HOLDOUT_FILE, blocks, L))
+    else:
+        _remove(path)
+    return {"rate": opts.holdout_rate, "max_docs": opts.holdout_max_docs,
+            "seed": HOLDOUT_SEED if opts.holdout_rate > 0 else None, "selected_docs": final["selected_docs"],
+            "docs": stats["holdout_docs"], "tokens": stats["holdout_tokens"], "blocks": blocks, "shards": shards}
+
+
+def _manifest(run: _Run, ids, holdout: dict) -> dict:
     state, cfg, opts = run.journal.state, run.cfg, run.opts
     shards = state["stream"]["shards"] if opts.order == "stream" else state["gather"]["shards"]
     shards = [{k: s[k] for k in ("file", "blocks", "bytes", "sha256")} for s in shards]
@@ -794,7 +898,9 @@ def _manifest(run: _Run, ids) -> dict:
         "shards": shards,
         "order": opts.order,
         "seed": opts.seed if opts.order != "stream" else None,
-        "filter": {"threshold": cfg.compression_threshold, **state["stream"]["stats"]},
+        "filter": {"threshold": cfg.compression_threshold,
+                   **{k: v for k, v in state["stream"]["stats"].items() if not k.startswith("holdout_")}},
+        "holdout": holdout,
         "limits": {"max_documents": opts.max_documents, "max_tokens": opts.max_tokens,
                    "tokenizer_sample_docs": opts.tokenizer_sample_docs},
         "inputs": [{"input": inp.spec, "weight": opts.weights[i] if opts.weights else None, "docs": row[0],

@@ -3,7 +3,9 @@
 Protocol (RECIPE "Evaluation: GLUE"): per task and seed, the pretrained encoder (dropout 0.1) plus a fresh
 head (first token -> Linear hidden->1024, Tanh, dropout, Linear -> classes; 1 output and MSE for STS-B) is
 fine-tuned 5 epochs, batch 16, AdamW lr 4e-5, betas (0.9, 0.98), eps 1e-6, no weight decay, cosine decay
-with 10% linear warmup, max length 128; then scored on the dev split(s). The reported number of a task is
+with 10% linear warmup, max length 128; then scored on the dev split(s). The learning rate is the run's
+preset's (config.Preset.finetune_lr: the recipe's 4e-5 is for crammed-bert; the tiny preset's is 1e-3) unless
+--lr gives one. The reported number of a task is
 the median over seeds; the average is over the 9 numbers (MNLI matched and mismatched separately).
 
 Speed: inputs are `<cls> A <sep> [B <sep>]`, padded only to the longest sequence of their batch (rounded up
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from ..train import checkpoint as ckpt
 from . import data as glue_data
 from . import metrics as glue_metrics
-from ..config import ModelConfig, TrainConfig, from_dict
+from ..config import PRESETS, ModelConfig, Preset, TrainConfig, from_dict
 from ..config import positive_float as _positive_float, positive_int as _positive_int
 from ..data.prepare import MANIFEST, TOKENIZER_FILE
 from ..files import WriteError, atomic_write_bytes, atomic_write_json, check_output_file, inside
@@ -46,7 +48,7 @@ class Protocol:
     """The recipe's fine-tuning hyperparameters (the CLI may shorten epochs for smoke runs)."""
     epochs: int = 5
     batch_size: int = 16
-    lr: float = 4e-5
+    lr: float | None = None  # None: the run's preset's (config.Preset.finetune_lr)
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.0
@@ -74,6 +76,11 @@ class GlueOptions:
     progress: bool = True
 
 
+def finetune_lr(preset_name: str | None) -> float:
+    """The fine-tuning learning rate a preset's model takes (the recipe's 4e-5 for an unknown preset)."""
+    return (PRESETS[preset_name] if preset_name in PRESETS else Preset(ModelConfig())).finetune_lr
+
+
 def _say(opts: GlueOptions, msg: str) -> None:
     if opts.progress:
         print(msg, file=sys.stderr, flush=True)
@@ -89,6 +96,7 @@ class Pretrained:
     special: SpecialIds
     checkpoint: str
     kernels: str  # the backend the run was trained with
+    preset: str | None = None  # the run's preset
 
 
 def _tokenizer_path(config: dict, override: str | None) -> str:
@@ -156,7 +164,7 @@ def load_run(path: str, tokenizer: str | None = None, trust: bool = False) -> Pr
         raise UserError(f"{tok_path} has {tok.get_vocab_size()} tokens but the model of {ck} has "
                         f"{cfg.vocab_size}; pass the run's tokenizer with --tokenizer FILE")
     kernels = config.get("train", {}).get("kernels", "torch")
-    return Pretrained(cfg, state, tok, special_ids(tok, source=tok_path), ck, kernels)
+    return Pretrained(cfg, state, tok, special_ids(tok, source=tok_path), ck, kernels, config.get("preset"))
 
 
 # ---------------------------------------------------------------- model: encoder + head
@@ -485,13 +493,17 @@ def run_glue(opts: GlueOptions) -> dict:
     out_json, out_md = report_paths(opts.out, run_dir)  # before hours of fine-tuning, not after
     pre = load_run(opts.run_dir, opts.tokenizer, opts.trust_checkpoint)
     device, kernels, compile_ = _resolve(opts, pre)
+    lr_from = "--lr" if opts.protocol.lr is not None else f"preset {pre.preset}"
+    opts = dataclasses.replace(opts, protocol=dataclasses.replace(opts.protocol, lr=opts.protocol.lr or
+                                                                  finetune_lr(pre.preset)))
     proto = dataclasses.replace(opts.protocol, max_len=min(opts.protocol.max_len, pre.cfg.seq_len))
 
     # all data first: a bad file in the last task must not surface after hours of fine-tuning
     data = {t: glue_data.load_task(t, opts.data_dir, opts.max_examples) for t in opts.tasks}
     encoder = build_encoder(pre, kernels, proto.dropout, device)
     _say(opts, f"fastcram eval glue: {opts.run_dir} ({os.path.basename(pre.checkpoint)}), tasks "
-               f"{','.join(opts.tasks)}, {opts.seeds} seed(s), {proto.epochs} epoch(s), kernels {kernels}, "
+               f"{','.join(opts.tasks)}, {opts.seeds} seed(s), {proto.epochs} epoch(s), lr {proto.lr:g} "
+               f"({lr_from}), kernels {kernels}, "
                f"compile {compile_}, device {device}")
 
     with _recompile_limit(64):
@@ -504,7 +516,8 @@ def run_glue(opts: GlueOptions) -> dict:
     table = glue_metrics.format_table(label, summary)
     report = {"run_dir": os.path.abspath(run_dir), "checkpoint": pre.checkpoint, "kernels": kernels,
               "device": device, "compile": compile_, "seeds": opts.seeds, "data": opts.data_dir or glue_data.HF_DATASET,
-              "max_examples": opts.max_examples, "protocol": dataclasses.asdict(proto), **summary,
+              "max_examples": opts.max_examples, "protocol": dataclasses.asdict(proto),
+              "lr_from": lr_from, **summary,
               "tasks": tasks, "table": table}
     atomic_write_json(out_json, report)
     atomic_write_bytes(out_md, table.encode())
@@ -532,7 +545,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-examples", type=_positive_int("--max-examples"),
                    help="use at most N examples of every split (a fixed random subset; smoke runs)")
     g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16)
-    g.add_argument("--lr", type=_positive_float("--lr"), default=4e-5)
+    g.add_argument("--lr", type=_positive_float("--lr"),
+                   help="fine-tuning learning rate (default: the run's preset's: 4e-5 for crammed-bert, the "
+                        "recipe's; 1e-3 for tiny)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on GPU)")

@@ -86,7 +86,8 @@ def log_record(state, interval, loss_sum, grad_norm, lr, accum, global_micro, cl
 def progress_line(on: bool, rec: dict) -> None:
     m = "n/a" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
     loss = "nan" if rec["loss"] is None else f"{rec['loss']:.4f}"
-    say(on, f"[{100 * rec['progress']:5.1f}% budget] step {rec['step']:6d}  loss {loss}  "
+    held = f"  held-out {rec['eval_loss']:.4f}" if rec.get("eval_loss") is not None else ""
+    say(on, f"[{100 * rec['progress']:5.1f}% budget] step {rec['step']:6d}  loss {loss}{held}  "
                f"lr {rec['lr']:.2e}  batch {rec['batch_size']}  {rec['tokens_per_s'] / 1e3:.1f}k tok/s  "
                f"MFU {m}  data wait {rec['data_wait_s']:.2f}s" + (f"  skipped {rec['skipped_steps']}"
                                                                   if rec["skipped_steps"] else ""))

@@ -29,6 +29,8 @@ from ..observe.runlog import NullLog, RunLog, log_record, progress_line, say
 from ..observe.telemetry import TelemetrySampler
 from . import checkpoint as ckpt
 from . import autotune
+from .advice import data_passes_advice
+from .evaluate import HeldOutEval, eval_schedule
 from .compile_cache import compile_caches, describe as describe_caches
 from .distributed import DistContext, agree, broadcast_object, init_from_env, mean_across, rank_slice, shutdown
 from .run_folder import open_checkpoint, open_run, restore_options, saved_config
@@ -115,6 +117,8 @@ class Training:
                             f"--minutes 5")
         if tcfg.deterministic and not tcfg.max_steps:
             raise UserError("--deterministic needs --max-steps: its schedules follow the step count, not the clock")
+        if tcfg.target_loss is not None and eval_schedule(tcfg) is None:
+            raise UserError("--target-loss needs the held-out evaluation that --eval-every 0 turns off")
 
     def _check_cache_folder(self) -> None:
         """The compile caches and the tuning cache live in the cache folder: when this run writes there, the
@@ -154,6 +158,8 @@ class Training:
             self.data.verify()
         self.model_cfg.vocab_size, self.model_cfg.seq_len = self.data.vocab_size, self.data.seq_len
         opts.data.seq_len = self.data.seq_len
+        if self.tcfg.target_loss is not None and self.data.holdout is None:
+            raise UserError(f"--target-loss: {self.data.no_holdout_reason}")
 
     def _build_model(self) -> None:
         """The step-level switches (flags, the tuning cache, or measured), the model on its ops bundle, the
@@ -274,6 +280,51 @@ class Training:
         self.lr, self.accum = self.tcfg.lr, 1
         self.sync_debug = self.tcfg.sync_debug and device.startswith("cuda")
         self.model.train()
+        self._open_eval()
+
+    def _open_eval(self) -> None:
+        """The held-out evaluation (rank 0 runs it) and its cadence; reading the split is off the budget."""
+        self.evaluator, self.schedule = None, eval_schedule(self.tcfg)
+        self.evals = {"count": 0, "seconds": 0.0, "last": None, "step": -1}
+        self.target_hit = self.pending_eval = None
+        self.records = 0  # log records written by this process (the data-passes advice reads the second)
+        if self.schedule is None or not self.main:
+            return
+        if self.data.holdout is None:
+            self.say(f"fastcram: {self.data.no_holdout_reason}; training without a held-out loss")
+            self.log.write({"event": "no_holdout", "reason": self.data.no_holdout_reason})
+            return
+        with self.clock.excluded() as ex:
+            self.evaluator = HeldOutEval(self.data.holdout, self.opts.data, self.data.special, self.data.vocab_size,
+                                         self.tcfg.micro_batch, self.device, self.tcfg.eval_blocks, self.tcfg.eval_seed)
+        self.evals["seconds"] += ex.seconds
+        self.next_eval = self.schedule.after(self.clock.elapsed())
+        self.log.write({"event": "eval_setup", **self.evaluator.describe(), "seed": self.tcfg.eval_seed,
+                        "every_s": self.schedule.every_s, "growth": self.schedule.growth,
+                        "target_loss": self.tcfg.target_loss, "setup_s": round(ex.seconds, 3)})
+
+    def _evaluate(self, budget_done: bool) -> None:
+        """The held-out loss when due (rank 0), off the budget clock: the device first finishes the training
+        work it has queued (budget time; this is a log interval's sync), then the clock stands still."""
+        if (self.evaluator is None or self.target_hit is not None or self.state.step in (0, self.evals["step"])
+                or not (budget_done or self.clock.elapsed() >= self.next_eval)):
+            return
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        at = self.clock.elapsed()
+        with self.clock.excluded() as ex:
+            loss = self.evaluator(self.model, self.step_fn.context)
+        self.interval["t"] += ex.seconds  # the interval's tokens/s counts training time only
+        self.last_ckpt += ex.seconds
+        self.next_eval = self.schedule.after(at)
+        self.evals.update(count=self.evals["count"] + 1, seconds=self.evals["seconds"] + ex.seconds, last=loss,
+                          step=self.state.step)
+        self.pending_eval = {"eval_loss": loss, "eval_s": round(ex.seconds, 4), "eval_at_s": round(at, 3)}
+        target = self.tcfg.target_loss
+        if target is not None and loss <= target:
+            self.target_hit = {"target_loss": target, "eval_loss": loss, "budget_s": at, "step": self.state.step,
+                               "sequences": self.state.sequences,
+                               "tokens": self.state.sequences * self.data.seq_len}
 
     def _loop(self, stop: StopRequest) -> str | None:
         """Steps until the budget is spent or something stops the run (its reason returned). No host sync
@@ -281,10 +332,14 @@ class Training:
         progress and whether to log, stop or save."""
         tcfg, stopped_by = self.tcfg, None
         while True:
-            t = self.now()
             budget_done = self.clock.done() or (tcfg.max_steps is not None and self.state.step >= tcfg.max_steps)
+            if self.main:
+                self._evaluate(budget_done)  # a held-out evaluation makes this a log interval
+            budget_done = budget_done or self.target_hit is not None
+            t = self.now()
             log_due = self.interval["steps"] > 0 and (t - self.interval["t"] >= tcfg.log_interval_s or budget_done
-                                                      or tcfg.deterministic or stop.signal is not None)
+                                                      or tcfg.deterministic or stop.signal is not None
+                                                      or self.pending_eval is not None)
             save_due = t - self.last_ckpt >= tcfg.checkpoint_interval_s
             p, flags = agree(self.ctx, self._progress(), [budget_done, log_due, save_due, stop.signal is not None])
             budget_done, log_due, save_due, signalled = flags
@@ -381,6 +436,10 @@ class Training:
         rec = log_record(self.state, self.interval, loss, self.grad_norm, self.lr, self.accum, self.global_micro,
                           self.clock, t, self.data.seq_len, self.fpt, self.peak, skipped)
         rec["peak_mem_mib"] = self._peak_mem_mib()
+        if self.pending_eval is not None:
+            rec.update(self.pending_eval)
+            self.pending_eval = None
+        self._advise_data_passes(rec)
         self.first_loss = rec["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = rec["loss"] if rec["loss"] is not None else self.last_loss
         self.log.write(rec)
@@ -396,6 +455,20 @@ class Training:
             stop = "non-finite"
         failed = self._report_checkpoints()
         return (self._stop_after_failed_checkpoints(failed) if failed else None) or stop
+
+    def _advise_data_passes(self, rec: dict) -> None:
+        """Once, at the second log record (the first interval without the compiling first step): will the
+        budget pass over the training data more than a few times?"""
+        self.records += 1
+        if self.records != 2:
+            return
+        seq = self.data.seq_len
+        passes, advice = data_passes_advice(rec["tokens_per_s"], self.clock.remaining(), self.state.sequences * seq,
+                                            len(self.data) * seq, self.data_dir, builtin=self.opts.data_dir is None)
+        rec["expected_data_passes"] = round(passes, 2)
+        if advice:
+            self.warn(advice)
+            self.log.write({"event": "advice", "kind": "data_passes", "passes": round(passes, 2), "message": advice})
 
     def _payload(self) -> dict:
         state = self.state
@@ -511,7 +584,12 @@ class Training:
                    "ops": self.model.ops.choice, "telemetry": self.telemetry.summary(tokens),
                    "switches": {k: v["value"] for k, v in self.switches.items()},
                    "profile": self.profile_result, "startup": self.startup, "peak_mem_mib": self._peak_mem_mib(),
-                   "flops_per_token": self.fpt, "exit_code": 0}
+                   "flops_per_token": self.fpt, "final_eval_loss": self.evals["last"],
+                   "eval": {"evaluations": self.evals["count"], "eval_s": round(self.evals["seconds"], 3),
+                            "excluded_from_budget_s": round(self.clock.excluded_s, 3),
+                            **(self.evaluator.describe() if self.evaluator else
+                               {"none": self.data.no_holdout_reason if self.data.holdout is None else "off"})},
+                   "target": self.target_hit, "exit_code": 0}
         if self.main:
             try:
                 atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
@@ -520,6 +598,7 @@ class Training:
                 summary["exit_code"] = 1
         self.log.write({"event": "end", **summary})
         self.log.close()
+        held = "" if self.evals["last"] is None else f", held-out loss {self.evals['last']:.4f}"
         self.say(f"\ndone: {state.step} steps, {tokens / 1e6:.1f}M tokens, loss {self.first_loss} -> "
-                 f"{summary['final_loss']}; checkpoint {final_path}")
+                 f"{summary['final_loss']}{held}; checkpoint {final_path}")
         return summary

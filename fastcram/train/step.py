@@ -154,6 +154,13 @@ class TrainStep:
 
         return sdpa_kernel(self.backends)  # read when the graph is traced, so it reaches the compiled step
 
+    @contextlib.contextmanager
+    def context(self):
+        """The autocast and attention settings the step runs under, for a forward outside it (evaluation)."""
+        amp = torch.autocast(self._device_type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None)
+        with amp, self._attention():
+            yield
+
     def __call__(self, input_ids, positions, labels, accum: int, sync: bool = True) -> torch.Tensor:
         fresh = []
         if self.cuda_graphs:
