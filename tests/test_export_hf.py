@@ -50,12 +50,8 @@ HELD_OUT = (3_000_000, 3_400_000)  # characters of the built-in corpus; the smal
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only contend on a shared CPU (and fp32 sums stay in one order)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_use_one_thread(one_thread):
+    """conftest's one_thread for every test of this module."""
 
 
 @pytest.fixture(scope="module")

@@ -107,12 +107,8 @@ def write_glue(root, n_train=64, n_dev=24, seed=0, tasks=tuple(glue_data.TASKS))
 # ---------------------------------------------------------------- a tiny "pretrained" run folder
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models here are far too small to gain from intra-op threads on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_use_one_thread(one_thread):
+    """conftest's one_thread for every test of this module."""
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 
 from .. import __version__
 from ..config import ModelConfig, from_dict
-from ..data.prepare import MANIFEST, TOKENIZER_FILE
-from ..data.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_hash
+from ..data.run_tokenizer import run_tokenizer
+from ..data.tokenizer import SpecialIds
 from ..errors import UserError
 from ..files import sha256_file
 from ..train import checkpoint as ckpt
@@ -57,20 +57,6 @@ def model_state(payload: dict, path: str) -> dict[str, torch.Tensor]:
     return clean
 
 
-def _tokenizer_paths(config: dict, override: str | None, run_dir: str) -> tuple[str, str | None]:
-    """(tokenizer file, data manifest or None)."""
-    data_dir = config.get("data_dir") or ""
-    manifest = os.path.join(data_dir, MANIFEST)
-    manifest = manifest if data_dir and os.path.isfile(manifest) else None
-    if override:
-        return override, manifest
-    if manifest is None:
-        raise UserError(f"the data folder of {run_dir} ({data_dir or 'not recorded'}) has no {MANIFEST}; pass "
-                        f"the run's tokenizer with --tokenizer FILE")
-    name = _read_json(manifest, "data manifest").get("tokenizer", TOKENIZER_FILE)
-    return os.path.join(data_dir, name), manifest
-
-
 def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None = None,
              trust: bool = False) -> RunExport:
     """Config, weights, tokenizer and provenance of a run folder; every problem is one UserError."""
@@ -89,19 +75,7 @@ def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None 
     checkpoint = payload["_path"]
     state = model_state(payload, checkpoint)
 
-    tok_path, manifest_path = _tokenizer_paths(config, tokenizer, run_dir)
-    try:
-        tok = load_tokenizer(tok_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{e}; pass the run's tokenizer with --tokenizer FILE") from None
-    if tok.get_vocab_size() != cfg.vocab_size:
-        raise UserError(f"{tok_path} has {tok.get_vocab_size()} tokens but the model of {run_dir} has "
-                        f"{cfg.vocab_size}; pass the run's tokenizer with --tokenizer FILE")
-    tok_hash = tokenizer_hash(tok)
-    manifest = _read_json(manifest_path, "data manifest") if manifest_path else {}
-    if manifest.get("tokenizer_hash") not in (None, tok_hash):
-        raise UserError(f"{tok_path} is not the tokenizer the run's data ({manifest_path}) was made with (hash "
-                        f"differs); pass the run's tokenizer with --tokenizer FILE")
+    found = run_tokenizer(config, cfg.vocab_size, run_dir, tokenizer)
     provenance = {
         "fastcram_version": __version__,
         "run": os.path.basename(os.path.normpath(run_dir)),
@@ -109,8 +83,8 @@ def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None 
         "checkpoint": os.path.basename(checkpoint),
         "step": payload.get("step"),
         "kernels": config.get("train", {}).get("kernels"),
-        "data_manifest_sha256": sha256_file(manifest_path) if manifest_path else None,
-        "tokenizer_hash": tok_hash,  # fastcram's vocabulary fingerprint, as the data manifest records it
-        "tokenizer_sha256": sha256_file(tok_path),
+        "data_manifest_sha256": sha256_file(found.manifest_path) if found.manifest_path else None,
+        "tokenizer_hash": found.hash,  # fastcram's vocabulary fingerprint, as the data manifest records it
+        "tokenizer_sha256": sha256_file(found.path),
     }
-    return RunExport(cfg, state, tok, special_ids(tok, source=tok_path), provenance)
+    return RunExport(cfg, state, found.tokenizer, found.special, provenance)

@@ -36,11 +36,11 @@ from . import data as glue_data
 from . import metrics as glue_metrics
 from ..config import PRESETS, ModelConfig, Preset, TrainConfig, from_dict
 from ..config import positive_float as _positive_float, positive_int as _positive_int
-from ..data.prepare import MANIFEST, TOKENIZER_FILE
-from ..files import WriteError, atomic_write_bytes, atomic_write_json, check_output_file, inside
+from ..files import WriteError, atomic_write_bytes, atomic_write_json, check_output_file
 from ..errors import UserError
 from ..model import CrammedBert
-from ..data.tokenizer import DocumentEncoder, SpecialIds, load_tokenizer, special_ids
+from ..data.run_tokenizer import run_tokenizer
+from ..data.tokenizer import DocumentEncoder, SpecialIds
 
 
 @dataclass
@@ -99,24 +99,6 @@ class Pretrained:
     preset: str | None = None  # the run's preset
 
 
-def _tokenizer_path(config: dict, override: str | None) -> str:
-    if override:
-        return override
-    data_dir = config.get("data_dir") or ""
-    name = TOKENIZER_FILE
-    manifest = os.path.join(data_dir, MANIFEST)
-    try:
-        with open(manifest) as f:
-            name = json.load(f).get("tokenizer", TOKENIZER_FILE)
-    except (OSError, ValueError, AttributeError):
-        pass  # no manifest: the default name
-    try:
-        return inside(data_dir, name)
-    except ValueError as e:
-        raise UserError(f"{manifest} names a tokenizer that is not in {data_dir} ({e}); pass the run's tokenizer "
-                        f"with --tokenizer FILE") from None
-
-
 def run_folder_of(path: str) -> str:
     """The run folder of a run folder or of one of its checkpoint files (RUN/checkpoints/NAME.pt)."""
     if os.path.isdir(path):
@@ -155,16 +137,9 @@ def load_run(path: str, tokenizer: str | None = None, trust: bool = False) -> Pr
         raise UserError(f"the run config of {saved['_path']} is not valid ({e})") from None
     ck = saved["_path"]
     state = {k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()}  # a compiled module's keys too
-    tok_path = _tokenizer_path(config, tokenizer)
-    try:
-        tok = load_tokenizer(tok_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{e}; pass the run's tokenizer with --tokenizer FILE") from None
-    if tok.get_vocab_size() != cfg.vocab_size:
-        raise UserError(f"{tok_path} has {tok.get_vocab_size()} tokens but the model of {ck} has "
-                        f"{cfg.vocab_size}; pass the run's tokenizer with --tokenizer FILE")
+    found = run_tokenizer(config, cfg.vocab_size, ck, tokenizer)
     kernels = config.get("train", {}).get("kernels", "torch")
-    return Pretrained(cfg, state, tok, special_ids(tok, source=tok_path), ck, kernels, config.get("preset"))
+    return Pretrained(cfg, state, found.tokenizer, found.special, ck, kernels, config.get("preset"))
 
 
 # ---------------------------------------------------------------- model: encoder + head
