@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -68,12 +69,14 @@ class FakeStep:
         self.factors, self.spread, self.cost, self.compile_s = factors, spread, cost, compile_s or {}
         self.calls: list[dict] = []
 
-    def __call__(self, cand: dict) -> Measurement:
+    def __call__(self, cand: dict, allowance_s: float = math.inf) -> Measurement:
         self.calls.append(dict(cand))
         rate = 1000.0
         for k, v in cand.items():
             rate *= self.factors.get(f"{k}={v}", 1.0)
         compile_s = max([1.0] + [self.compile_s.get(f"{k}={v}", 0.0) for k, v in cand.items()])
+        if self.cost > allowance_s:  # as measure_candidate: stopped once past the allowance, a step late
+            return Measurement(cost_s=allowance_s + 1.0, compile_s=compile_s, error="stopped: past the cap")
         return timed(rate, self.spread * rate, self.cost, compile_s)
 
 
@@ -138,7 +141,7 @@ def test_search_keeps_nothing_within_the_noise():
 
 
 def test_search_failed_candidate_is_reported_not_chosen():
-    def measure(cand):
+    def measure(cand, allowance_s):
         if cand.get("attention") == "flash":
             return Measurement(cost_s=1.0, error="--attention flash: not available")
         return timed(1000.0 * (1.5 if cand.get("attention") == "math" else 1.0))
@@ -162,6 +165,34 @@ def test_five_percent_cap_tries_fewer_candidates_in_order():
     # a cost known in advance to exceed the cap: nothing is measured at all
     res = search(baseline, moves, FakeStep({}), cap_s=5.0, prior_cost_s=10.0, remaining_s=budget)
     assert res.spent_s == 0.0 and res.choice == baseline and not any("tokens_per_s" in r for r in res.rows)
+
+
+def test_a_candidate_slower_than_predicted_is_stopped_at_the_cap():
+    """Predicted 10 s, takes 100 s: the first candidate is stopped once it passes the 60 s cap (one step late,
+    as a started compile cannot be interrupted), not chosen, and nothing after it runs."""
+    fake = FakeStep({"attention=flash": 1.5}, cost=100.0)
+    baseline, moves = plan({"attention"}, [], set(), "cpu", False, False)
+    res = search(baseline, moves, fake, cap_s=60.0, prior_cost_s=10.0, remaining_s=1000.0)
+    assert len(fake.calls) == 1 and res.spent_s == 61.0 and res.choice == baseline and not res.complete
+    assert res.rows[0]["result"].startswith("failed: stopped")
+    assert all(r["result"].startswith("skipped") for r in res.rows[1:])
+
+
+def test_measure_candidate_stops_past_its_allowance():
+    """The real timing on the CPU (tiny model, eager): no allowance left stops it after the warm-up, unmeasured;
+    a generous one measures every repeat."""
+    from fastcram.config import preset as get_preset
+    from fastcram.data.tokenizer import SpecialIds
+    from fastcram.train.step import synthetic_batches
+
+    cfg = dataclasses.replace(get_preset("tiny").model, vocab_size=512, seq_len=32)
+    tcfg = TrainConfig(compile=False, device="cpu", micro_batch=2, kernels="torch")
+    batches = synthetic_batches(cfg, 2, "cpu", SpecialIds(*range(7)), 0.25, seed=0)
+    timing = autotune.TimingPlan(warmup=1, repeats=3, steps=1)
+    stopped = autotune.measure_candidate(cfg, tcfg, "cpu", batches, timing, 8, allowance_s=0.0)
+    assert stopped.error.startswith("stopped after its warm-up") and stopped.tokens_per_s == []
+    full = autotune.measure_candidate(cfg, tcfg, "cpu", batches, timing, 8)
+    assert full.error is None and len(full.tokens_per_s) == 3 and min(full.tokens_per_s) > 0
 
 
 def test_used_ops_are_found_from_the_model_not_a_list():
@@ -249,6 +280,49 @@ def test_cache_hit_key_change_and_retune(tmp_path, monkeypatch):
     opts = _opts(tmp_path, retune=True)
     t = _tune(tmp_path, monkeypatch, opts, fake)
     assert len(fake.calls) > n and t.report["step"]["cache"] == "retune"
+
+
+def test_a_cached_tuning_is_replayed_at_each_runs_budget(tmp_path, monkeypatch):
+    """flash is 10% faster but costs 500 s of compiling: a day's budget keeps it, an hour's does not. The hour
+    replays the day's cached measurements (nothing timed again) and chooses for its own budget."""
+    fake = FakeStep({"attention=flash": 1.1}, compile_s={"attention=flash": 500.0})
+    day = _opts(tmp_path)
+    _tune(tmp_path, monkeypatch, day, fake)
+    assert day.train.attention == "flash"
+    n = len(fake.calls)
+    hour = _opts(tmp_path, budget_s=3600.0)
+    t = _tune(tmp_path, monkeypatch, hour, fake)
+    assert len(fake.calls) == n and t.report["step"]["cache"] == "hit" and t.how["attention"] == "cache"
+    assert hour.train.attention == "default"
+
+
+def test_a_candidate_the_cache_lacks_is_measured(tmp_path, monkeypatch):
+    fake = FakeStep({"attention=flash": 1.1})
+    _tune(tmp_path, monkeypatch, _opts(tmp_path), fake)
+    path = [os.path.join(tmp_path / "cache" / "autotune", f) for f in os.listdir(tmp_path / "cache" / "autotune")
+            if f != "costs.json"]
+    assert len(path) == 1
+    with open(path[0]) as f:
+        saved = json.load(f)
+    lost = [r for r in saved["candidates"] if r["settings"].get("attention") == "math"]
+    saved["candidates"] = [r for r in saved["candidates"] if r not in lost]
+    with open(path[0], "w") as f:
+        json.dump(saved, f)
+    n = len(fake.calls)
+    t = _tune(tmp_path, monkeypatch, _opts(tmp_path), fake)
+    assert [c.get("attention") for c in fake.calls[n:]] == ["math"] and t.report["step"]["cache"] == "partial"
+    assert t.how["attention"] == "measured"
+    with open(path[0]) as f:  # the merged measurements are cached again
+        assert len(json.load(f)["candidates"]) == len(saved["candidates"]) + 1
+
+
+def test_a_switch_with_nothing_to_try_is_not_called_measured(tmp_path, monkeypatch):
+    """No Triton op on this device: kernels keeps its baseline and says so; attention is measured."""
+    monkeypatch.setattr(autotune, "triton_ops", lambda ops, device: set())
+    opts = _opts(tmp_path)
+    t = autotune.tune(preset("tiny").model, opts.train, opts, "cpu", None, measure=FakeStep(FACTORS),
+                      cache_root=str(tmp_path / "cache"), now=lambda: 0.0)
+    assert t.how["kernels"] == "baseline: no alternative to measure here" and t.how["attention"] == "measured"
 
 
 def test_key_includes_the_ops_source(tmp_path):

@@ -171,6 +171,7 @@ def test_cli_kernels_writes_csv_and_table(tmp_path, monkeypatch, capsys, fake_mo
     (["bench", "step", "--variants", "kernels.nope=triton"], "--variants: unknown op 'nope'"),
     (["bench", "step", "--variants", "kernels=auto"], "--variants: kernels=auto is not a value of kernels"),
     (["bench", "step", "--variants", "kernels=torch", "kernels=torch"], "--variants: variant 'kernels=torch' is given"),
+    (["bench", "step", "--variants", ","], "--variants: no variant given"),
     (["bench", "step", "--preset", "huge-bert", "--device", "cpu"], "--preset huge-bert: unknown"),
     (["bench", "plot", "/nonexistent/x.csv"], "/nonexistent/x.csv: no such CSV file"),
 ])
@@ -221,12 +222,15 @@ def test_step_variants_side_by_side(tmp_path):
     s = step.StepSettings(preset="tiny", device="cpu", micro_batch=2, steps=1, warmup=1, repeats=2, compile=False,
                           variants=("kernels=torch", "full:kernels=torch+sparse=off+attention=math",
                                     "kernels=torch+attention=efficient",
-                                    "kernels=torch+autocast=bf16+residual=bf16"))
+                                    "kernels=torch+autocast=bf16+residual=bf16",
+                                    "kernels=torch+compile_mode=reduce-overhead"))
     path = tmp_path / "step.csv"
     rows = step.run(s, str(path), log=open(os.devnull, "w"))
     written = {r["variant"]: r for r in read_csv(path)}
     assert list(written) == ["kernels=torch", "full", "kernels=torch+attention=efficient",
-                             "kernels=torch+autocast=bf16+residual=bf16"]
+                             "kernels=torch+autocast=bf16+residual=bf16", "kernels=torch+compile_mode=reduce-overhead"]
+    assert written["kernels=torch+compile_mode=reduce-overhead"]["status"] == (
+        "unavailable: compile_mode=reduce-overhead needs a compiled step; run the benchmark with --compile")
     full = written["full"]
     assert (full["status"], full["switches"], full["sparse"], full["attention"], full["residual"]) == (
         "ok", "kernels=torch+sparse=off+attention=math", "off", "math", "fp32")

@@ -125,7 +125,9 @@ def test_auto_attention_is_measured_on_real_steps_then_cached(small_data, tmp_pa
     second = train(_auto_opts(small_data, tmp_path / "b"), now=FakeClock(0.0))
     head = _records(second["run_dir"])[0]
     assert head["switches"]["attention"] == {"value": chosen, "how": "cache"}
-    assert head["autotune"]["step"]["cache"] == "hit" and "candidates" not in head["autotune"]["step"]
+    replayed = head["autotune"]["step"]
+    assert replayed["cache"] == "hit" and replayed["seconds"] == 0.0  # replayed, nothing timed again
+    assert [r["repeats"] for r in replayed["candidates"]] == [r["repeats"] for r in tuned["candidates"]]
 
 
 def test_residual_bf16_trains_like_fp32_under_cpu_autocast(small_data, tmp_path, monkeypatch):
@@ -227,3 +229,23 @@ def test_gpu_cuda_graphs_accumulate_gradients_like_the_default_compile():
     assert len(grads["default"]) == len(grads["reduce-overhead"]) > 0
     for a, d in zip(grads["reduce-overhead"], grads["default"]):
         assert (a - d).norm() <= 1e-3 * d.norm() + 1e-7
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_on_a_gpu_the_tunable_switches_default_to_auto(compiled):
+    """`fastcram train` with no switch flags: auto on a GPU (the fastest measured), unchanged on a CPU; a flag
+    always wins; compile mode is tuned only for a compiled model; the residual stays fp32 until a GPU run
+    shows bf16 learns alike."""
+    from fastcram.cli import _step_switches, build_parser
+
+    parse = build_parser().parse_args
+    gpu_cfg, cpu_cfg = TrainConfig(compile=compiled), TrainConfig(compile=compiled)
+    _step_switches(parse(["train"]), gpu_cfg, gpu=True)
+    assert (gpu_cfg.kernels, gpu_cfg.attention) == ("auto", "auto")
+    assert gpu_cfg.compile_mode == ("auto" if compiled else "default")
+    assert gpu_cfg.residual_dtype == "fp32"
+    _, given = _step_switches(parse(["train"]), cpu_cfg, gpu=False)
+    assert cpu_cfg == TrainConfig(compile=compiled) and given == ()
+    flagged = TrainConfig(compile=compiled)
+    _, given = _step_switches(parse(["train", "--attention", "math", "--kernels", "torch"]), flagged, gpu=True)
+    assert (flagged.attention, flagged.kernels) == ("math", "torch") and set(given) == {"attention", "kernels"}

@@ -137,6 +137,8 @@ def parse(specs) -> list[sw.Variant]:
             out.append(sw.Variant(spec.strip(), {}))
         else:
             out += sw.parse_variants([spec])
+    if not out:
+        raise UserError("--variants: no variant given; name at least one, e.g. --variants fastcram kernels=torch")
     names = [v.name for v in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -200,6 +202,8 @@ def build_liger(model_cfg: ModelConfig, s: StepSettings) -> Variant:
 def build_fastcram(model_cfg: ModelConfig, tcfg: TrainConfig, s: StepSettings, ops=None) -> Variant:
     from ..train.step import autocast_dtype, build_model, check_attention, make_optimizer, make_step, optimizer_step
 
+    if tcfg.compile_mode != "default" and not tcfg.compile:  # as train refuses it: the mode would do nothing
+        raise Unavailable(f"compile_mode={tcfg.compile_mode} needs a compiled step; run the benchmark with --compile")
     try:
         model = build_model(model_cfg, tcfg, s.device, ops=ops)
         check_attention(tcfg.attention, model_cfg, s.device, autocast_dtype(tcfg, s.device),

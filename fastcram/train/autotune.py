@@ -11,12 +11,16 @@ run compiles it) on the run's shapes, one candidate assignment of the switches a
 Each candidate is built from the best so far; it is kept only when it is faster by more than 2% and by more
 than twice the spread (standard deviation) of the repeated timings. Rates are weighed by the compile time the
 candidate would cost the rest of the budget (tokens/s x (1 - compile_s / remaining_s)): a short budget
-prefers what compiles fast. Tuning never takes more than 5% of the budget: before each candidate its cost is
+prefers what compiles fast. Tuning stays within 5% of the budget: before each candidate its cost is
 predicted (the most any candidate took so far, or what one took on this machine before, or an assumption
-for a machine that has measured none), and candidates that would not fit are skipped, in the order above.
+for a machine that has measured none), and candidates that would not fit are skipped, in the order above; a
+candidate that runs past what is left of the 5% is stopped after its first compiled step or between its
+timed repeats and not chosen. A compile that has started cannot be interrupted, so the cap can be passed by
+at most the rest of one candidate's first step.
 
-A finished tuning is cached in the cache folder (tune_cache.py), so the next run on the same machine pays
-nothing; --retune ignores the cache.
+The measurements of a finished tuning are cached in the cache folder (tune_cache.py). The next run on the
+same machine replays the search on them at its own budget (a short budget weighs compile times differently
+from a long one), measuring only a candidate the cache lacks; --retune ignores the cache.
 """
 from __future__ import annotations
 
@@ -187,6 +191,11 @@ class Move:
     settings: dict = field(default_factory=dict)
     flip_op: str | None = None
 
+    def switches(self) -> set:
+        """The tuned switches this move changes."""
+        keys = set(self.settings) | ({sw.OP_PREFIX + self.flip_op} if self.flip_op else set())
+        return {"kernels" if k.startswith(sw.OP_PREFIX) else k for k in keys}
+
     def apply(self, best: dict) -> dict:
         cand = {**best, **self.settings}
         if self.flip_op:
@@ -232,13 +241,14 @@ class SearchResult:
     complete: bool  # every planned candidate was measured (nothing skipped by the cap)
 
 
-def search(baseline: dict, moves: list[Move], measure: Callable[[dict], Measurement], cap_s: float,
+def search(baseline: dict, moves: list[Move], measure: Callable[[dict, float], Measurement], cap_s: float,
            prior_cost_s: float, remaining_s: float, rule: Rule = Rule(),
            log: Callable[[str], None] = lambda s: None) -> SearchResult:
     """Measure the baseline, then each move from the best so far, within cap_s seconds of measuring.
 
-    Only measurements (their cost_s) advance the tuning clock, so every rank of a distributed run that sees
-    the same (rank 0's) measurements takes the same decisions."""
+    measure(candidate, allowance_s) times one candidate and stops it (an error) once it has taken more than
+    allowance_s, what is left of the cap. Only measurements (their cost_s) advance the tuning clock, so every
+    rank of a distributed run that sees the same (rank 0's) measurements takes the same decisions."""
     rows: list[dict] = []
     tried: set = set()
     best, best_m, spent, complete = dict(baseline), None, 0.0, True
@@ -256,7 +266,7 @@ def search(baseline: dict, moves: list[Move], measure: Callable[[dict], Measurem
             complete = False
             continue
         tried.add(frozen)
-        m = measure(cand)
+        m = measure(cand, cap_s - spent)
         spent += m.cost_s
         costs.append(m.cost_s)
         row = {"what": move.what, "settings": cand, "compile_s": round(m.compile_s, 3), "cost_s": round(m.cost_s, 3)}
@@ -333,10 +343,21 @@ class TimingPlan:
         return TimingPlan(3, 5, 10) if device.startswith("cuda") else TimingPlan(2, 3, 2)
 
 
+class PastTheCap(Exception):
+    """A candidate took longer than what was left of the tuning cap."""
+
+
 def measure_candidate(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, next_batch: Callable,
-                      timing: TimingPlan, masked_per_seq: int) -> Measurement:
-    """Build, compile and time one assignment's whole training step; failures become the row's reason."""
+                      timing: TimingPlan, masked_per_seq: int, allowance_s: float = math.inf) -> Measurement:
+    """Build, compile and time one assignment's whole training step; failures become the row's reason. Past
+    allowance_s (checked after the warm-up steps and after each timed repeat) it stops, unmeasured."""
     t0 = time.perf_counter()
+
+    def within_allowance(stage: str) -> None:
+        _sync(device)
+        if time.perf_counter() - t0 > allowance_s:
+            raise PastTheCap(f"stopped {stage}: {time.perf_counter() - t0:.0f} s, past the {allowance_s:.0f} s "
+                             f"left of the tuning cap")
     tokens = tcfg.micro_batch * model_cfg.seq_len
     m = Measurement()
     model = optimizer = one = None
@@ -352,17 +373,19 @@ def measure_candidate(model_cfg: ModelConfig, tcfg: TrainConfig, device: str, ne
         m.compile_s = time.perf_counter() - tc
         for _ in range(timing.warmup - 1):
             loss = one(next_batch())
-        _sync(device)
-        for _ in range(timing.repeats):
+        within_allowance("after its warm-up")
+        for i in range(timing.repeats):
             tr = time.perf_counter()
             for _ in range(timing.steps):
                 loss = one(next_batch())
             _sync(device)
             m.tokens_per_s.append(tokens * timing.steps / (time.perf_counter() - tr))
+            if i < timing.repeats - 1:
+                within_allowance(f"after {i + 1} of {timing.repeats} timed repeats")
         if not math.isfinite(float(loss)):
             m.error, m.tokens_per_s = f"the loss is {float(loss)}", []
-    except UserError as e:
-        m.error = str(e)
+    except (UserError, PastTheCap) as e:
+        m.error, m.tokens_per_s = str(e), []
     except Exception as e:  # one broken candidate must not stop the run: it is reported and not chosen
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         m.error = "out of memory" if is_oom(e) else f"{type(e).__name__}: {first}"[:300]
@@ -422,19 +445,16 @@ def _tune_step(model_cfg, tcfg, opts, device, data, auto, how, share, world_size
                                 opts.data.mask_prob)
     path = tune_cache.result_path(key, cache_root)
     cached = None if tcfg.retune else share(tune_cache.load_result(key, cache_root))
-    if cached is not None:
-        _set_choice(model_cfg, tcfg, cached["choice"], auto)
-        how.update({k: "cache" for k in auto})
-        say(f"step-level switches from the tuning cache ({path}): {sw.label(cached['choice'])}")
-        return {"cache": "hit", "cache_file": path, "choice": cached["choice"], "measured_on": cached.get("date")}
+    known = cached_measurements(cached)
     ops = used_ops(model_cfg, opts.data.mask_prob)
     fixed = set(("layer_norm", "add_layer_norm") if tcfg.norm_kernels else ()) | set(tcfg.per_op or {})
     ops = [op for op in ops if op not in fixed]
     flippable = triton_ops(ops, device) if "kernels" in auto else set()
     baseline, moves = plan(auto, ops, flippable, device, tcfg.compile, world_size > 1)
+    unmeasurable = auto - {switch for move in moves for switch in move.switches()}
+    how.update({k: "baseline: no alternative to measure here" for k in unmeasurable})
     if not moves:  # e.g. --kernels auto where Triton cannot run: one candidate, nothing to time it against
         _set_choice(model_cfg, tcfg, baseline, auto)
-        how.update({k: "baseline: no alternative to measure here" for k in auto})
         say(f"auto: no alternative to measure here (Triton unavailable?): {sw.label(baseline)}")
         return {"cache": None, "choice": baseline, "candidates": []}
     cap_s = Rule().cap_fraction * tcfg.budget_s - share(spent_s)  # rank 0's figures: every rank decides alike
@@ -442,33 +462,78 @@ def _tune_step(model_cfg, tcfg, opts, device, data, auto, how, share, world_size
     cost_key = tune_cache.cost_key(device, model_cfg, tcfg.micro_batch, tcfg.compile)
     prior = share(tune_cache.load_cost(cost_key, cache_root))
     prior_s = prior if prior is not None else PRIOR_COST_S["compiled" if tcfg.compile else "eager"]
-    say(f"auto-tuning {', '.join(sorted(auto))} by timing whole training steps (at most {cap_s:.0f} s, 5% of the "
-        f"budget; one candidate ~{prior_s:.0f} s{'' if prior is not None else ', assumed: none measured here yet'}):")
+    if known:
+        say(f"auto-tuning {', '.join(sorted(auto))}: replaying the measurements in the tuning cache ({path}) at "
+            f"this run's budget; a candidate they lack is measured (at most {cap_s:.0f} s, 5% of the budget)")
+    else:
+        say(f"auto-tuning {', '.join(sorted(auto))} by timing whole training steps (at most {cap_s:.0f} s, 5% of "
+            f"the budget; one candidate ~{prior_s:.0f} s"
+            f"{'' if prior is not None else ', assumed: none measured here yet'}):")
     if measure is None:
-        special = data.special
-        next_batch = synthetic_batches(model_cfg, tcfg.micro_batch, device, special, opts.data.mask_prob,
+        next_batch = synthetic_batches(model_cfg, tcfg.micro_batch, device, data.special, opts.data.mask_prob,
                                        seed=tcfg.seed)
         timing = TimingPlan.for_device(device)
 
-        def measure(cand: dict) -> Measurement:
+        def measure(cand: dict, allowance_s: float) -> Measurement:
             m_cfg, t_cfg = sw.apply(cand, model_cfg, tcfg)
-            return measure_candidate(m_cfg, t_cfg, device, next_batch, timing, opts.data.masked_per_seq)
-    result = search(baseline, moves, lambda cand: share(measure(cand)), cap_s, prior_s, remaining_s, log=say)
+            return measure_candidate(m_cfg, t_cfg, device, next_batch, timing, opts.data.masked_per_seq,
+                                     allowance_s)
+    new_measurements = []
+
+    def replay_or_measure(cand: dict, allowance_s: float) -> Measurement:
+        hit = known.get(frozenset(cand.items()))
+        if hit is not None:
+            return hit
+        new_measurements.append(cand)
+        return share(measure(cand, allowance_s))
+
+    result = search(baseline, moves, replay_or_measure, cap_s, prior_s, remaining_s, log=say)
     _set_choice(model_cfg, tcfg, result.choice, auto)
-    how.update({k: "measured" for k in auto})
-    if not any("tokens_per_s" in r for r in result.rows):
-        how.update({k: "baseline: nothing measured within the 5% cap" for k in auto})
-    costs = [r["cost_s"] for r in result.rows if "cost_s" in r]
-    out = {"cache": "retune" if tcfg.retune else "miss", "cache_file": None, "choice": result.choice,
+    source = "cache" if known and not new_measurements else "measured"
+    measured = any("tokens_per_s" in r for r in result.rows)
+    how.update({k: source if measured else "baseline: nothing measured within the 5% cap"
+                for k in auto - unmeasurable})
+    cache_state = "retune" if tcfg.retune else ("miss" if not known else "hit" if source == "cache" else "partial")
+    costs = [r["cost_s"] for r in result.rows if r.get("cost_s")]
+    out = {"cache": cache_state, "cache_file": path if source == "cache" else None, "choice": result.choice,
            "candidates": result.rows, "cap_s": round(cap_s, 3), "predicted_cost_s": round(prior_s, 3),
            "seconds": round(result.spent_s, 3), "complete": result.complete}
+    if cached is not None:
+        out["measured_on"] = cached.get("date")
     if costs and write_cache:
         tune_cache.save_cost(cost_key, max(costs), cache_root)
-    if write_cache and result.complete and any("tokens_per_s" in r for r in result.rows):
-        out["cache_file"] = tune_cache.save_result(key, {"choice": result.choice, "candidates": result.rows,
+    if write_cache and new_measurements and result.complete and measured:
+        rows = _merge_rows(cached, result.rows)
+        out["cache_file"] = tune_cache.save_result(key, {"choice": result.choice, "candidates": rows,
                                                          "date": time.strftime("%Y-%m-%d %H:%M:%S")}, cache_root)
     say(f"  -> {sw.label(result.choice)}")
     return out
+
+
+def cached_measurements(cached: dict | None) -> dict:
+    """frozenset(candidate settings) -> its Measurement, from a cached tuning's rows; replayed ones cost 0 s
+    (nothing is measured again). A failed candidate is replayed as failed."""
+    known = {}
+    for row in (cached or {}).get("candidates", []):
+        settings = row.get("settings")
+        if not isinstance(settings, dict):
+            continue
+        if row.get("repeats"):
+            m = Measurement(list(row["repeats"]), compile_s=float(row.get("compile_s", 0.0)))
+        elif str(row.get("result", "")).startswith("failed: "):
+            m = Measurement(error=row["result"].removeprefix("failed: "))
+        else:
+            continue  # skipped by a cap: never measured
+        known[frozenset(settings.items())] = m
+    return known
+
+
+def _merge_rows(cached: dict | None, rows: list[dict]) -> list[dict]:
+    """This search's rows plus the cached measurements it did not need, so no measurement is forgotten."""
+    seen = {frozenset(r["settings"].items()) for r in rows if "settings" in r}
+    old = [r for r in (cached or {}).get("candidates", [])
+           if isinstance(r.get("settings"), dict) and frozenset(r["settings"].items()) not in seen]
+    return rows + old
 
 
 def _set_choice(model_cfg: ModelConfig, tcfg: TrainConfig, choice: dict, auto: set) -> None:
