@@ -33,6 +33,17 @@ def test_stops_when_throughput_stops_improving():
     assert best == 32 and len(trials) == 3  # 32 is < 3% better than 16: stop, never try 64
 
 
+def test_micro_batch_search_stops_at_the_tuning_cap():
+    tps = {8: 100.0, 16: 150.0, 32: 300.0, 64: 600.0}
+    calls = []
+    best, trials = search_micro_batch(lambda s: calls.append(s) or tps[s], [8, 16, 32, 64],
+                                      affordable=lambda: len(calls) < 2)
+    assert calls == [8, 16] and best == 16 and trials[-1] == {"micro_batch": 32, "tokens_per_s": None,
+                                                              "result": "skipped: 5% tuning cap"}
+    # the first size is tried even when nothing is affordable: a run needs a micro-batch
+    assert search_micro_batch(lambda s: tps[s], [8, 16], affordable=lambda: False)[0] == 8
+
+
 def test_other_errors_propagate():
     def measure(size):
         raise ValueError("a real bug")

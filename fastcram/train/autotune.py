@@ -59,8 +59,10 @@ def is_oom(e: BaseException) -> bool:
 # ---------------------------------------------------------------- --micro-batch auto
 
 def search_micro_batch(measure: Callable[[int], float], candidates, min_gain: float = 0.03,
-                       log: Callable[[str], None] = lambda s: None) -> tuple[int, list[dict]]:
-    """Try growing micro-batches; stop at out-of-memory or when tokens/s gains less than min_gain.
+                       log: Callable[[str], None] = lambda s: None,
+                       affordable: Callable[[], bool] = lambda: True) -> tuple[int, list[dict]]:
+    """Try growing micro-batches; stop at out-of-memory, when tokens/s gains less than min_gain, or when
+    affordable() says the next size would pass the tuning cap (the first size is always tried).
 
     measure(size) -> tokens/s (raises an out-of-memory error when the size does not fit).
     Returns the best size and the table of trials.
@@ -68,6 +70,10 @@ def search_micro_batch(measure: Callable[[int], float], candidates, min_gain: fl
     trials: list[dict] = []
     best, best_tps = None, 0.0
     for size in candidates:
+        if best is not None and not affordable():
+            trials.append({"micro_batch": size, "tokens_per_s": None, "result": "skipped: 5% tuning cap"})
+            log(f"  micro-batch {size}: skipped (it would pass the 5% tuning cap)")
+            break
         try:
             tps = measure(size)
         except Exception as e:
@@ -137,8 +143,19 @@ def _search_sizes(model_cfg, tcfg, opts, device, data, say) -> tuple[int, list[d
 
     cands = GPU_MICRO_BATCHES if device.startswith("cuda") else CPU_MICRO_BATCHES
     cands = [c for c in cands if c <= len(data)]
-    return search_micro_batch(
-        lambda size: measure_step_throughput(step, make_batch, probe, size, data.seq_len, device), cands, log=say)
+    t0, costs = time.perf_counter(), []
+
+    def measure(size: int) -> float:
+        t = time.perf_counter()
+        try:
+            return measure_step_throughput(step, make_batch, probe, size, data.seq_len, device)
+        finally:
+            costs.append(time.perf_counter() - t)
+
+    def affordable() -> bool:  # a larger size costs at least what the last one did
+        return time.perf_counter() - t0 + costs[-1] <= Rule().cap_fraction * tcfg.budget_s
+
+    return search_micro_batch(measure, cands, log=say, affordable=affordable)
 
 
 # ---------------------------------------------------------------- step-level tuning: the search
