@@ -326,7 +326,13 @@ def cmd_data_prepare(args) -> int:
             opts.holdout_max_docs = v
         else:  # a share of all documents, no cap
             opts.holdout_rate, opts.holdout_max_docs = v, None
-    prepare(args.input, args.out, cfg, tokenizer_path=args.tokenizer, progress=not args.quiet, options=opts)
+    manifest = prepare(args.input, args.out, cfg, tokenizer_path=args.tokenizer, progress=not args.quiet,
+                       options=opts)
+    held = (manifest.get("holdout") or {}).get("selected_docs", 0)
+    if args.holdout_docs is not None and args.holdout_docs[0] == "count" and held < args.holdout_docs[1]:
+        print(f"fastcram: note: --holdout-docs {args.holdout_docs[1]:g} is a cap on the documents drawn at a "
+              f"{100 * opts.holdout_rate:g}% rate, and this corpus gave {held}; a share such as --holdout-docs "
+              f"0.05 holds out more", file=sys.stderr)
     return 0
 
 

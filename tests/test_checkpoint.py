@@ -128,6 +128,7 @@ def test_a_crafted_checkpoint_is_refused_by_resume_and_eval(run, tmp_path, capsy
     assert main(["eval", "glue", final(run), "--quiet"]) == 2  # eval of that one file: exit 2, naming it
     (line,) = errors(capsys)
     assert final(run) in line and why in line and "--trust-checkpoint" in line
+    assert ("unsupported global" in line.lower() and "open" in line) == record  # what it asked to run
     for step in range(4):  # resume with no other checkpoint left: exit 2, naming it
         os.remove(ckpt.step_path(run, step))
     assert resume(run) == 2
@@ -144,6 +145,18 @@ def test_resume_passes_over_a_crafted_checkpoint(run, tmp_path, capsys):
     assert "more than tensors and plain values" in capsys.readouterr().err
     assert not os.path.exists(marker)
     assert ckpt.load_checkpoint(final(run))["step"] == 4  # the resumed run wrote a good final.pt again
+
+
+def test_export_passes_over_a_crafted_checkpoint(run, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    marker = str(tmp_path / "pwned")
+    craft(final(run), marker, record=True)
+    assert main(["export", "hf", run, "--out", str(tmp_path / "hf"), "--quiet"]) == 0
+    assert "more than tensors and plain values" in capsys.readouterr().err
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["fastcram"]["checkpoint"] == os.path.basename(ckpt.step_path(run, 3))
+    assert main(["export", "hf", run, "--checkpoint", final(run), "--out", str(tmp_path / "hf2"), "--quiet"]) == 2
+    assert not os.path.exists(marker) and not os.path.exists(tmp_path / "hf2")
 
 
 # ---------------------------------------------------------------- damaged files

@@ -165,6 +165,28 @@ def test_every_backend_names_its_parameters_the_same(exported):
         os.path.join(exported, "model.safetensors")))
 
 
+def test_the_classic_gelu_ffn_exports_too(small_data, tmp_path):
+    """A run with the classic GELU FFN (bert-classic-ffn's kind, at the tiny size): the folder's masked-LM
+    logits equal fastcram's own on random ids, padded and not."""
+    tcfg = TrainConfig(**{**preset("tiny").train_overrides, "compile": False, "device": "cpu", "micro_batch": 4,
+                          "final_batch": 4, "log_interval_s": 1e9, "budget_s": 1e6, "max_steps": 3})
+    run = str(tmp_path / "gelu_run")
+    train(RunOptions(train=tcfg, preset="tiny", data_dir=small_data, out_dir=run, progress=False,
+                     model_overrides={"ffn": "gelu"}), now=FakeClock(tick=0.0))
+    out = str(tmp_path / "gelu_hf")
+    assert export_hf(ExportOptions(run, out, progress=False))["max_abs_diff"] <= 1e-5
+    assert json.load(open(os.path.join(out, "config.json")))["ffn"] == "gelu"
+    ref = reference_model(read_run(run))
+    hf = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = torch.randint(7, ref.cfg.vocab_size, (2, 37))
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        got = hf(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], fastcram_logits(ref, ids[0].tolist()), **TOL)
+    torch.testing.assert_close(got[1, :20], fastcram_logits(ref, ids[1, :20].tolist()), **TOL)
+
+
 # ---------------------------------------------------------------- numerics against fastcram
 
 def test_masked_lm_logits_equal_fastcram_padded_and_not(hf_tok, hf_mlm, fastcram_model):
@@ -351,6 +373,14 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_run, tmp_path, capsys,
     (taken / "keep.txt").write_text("mine")
     assert "not an empty folder" in _error(capsys, trained_run, "--out", str(taken))
     assert os.listdir(taken) == ["keep.txt"]
+    assert "is a folder; give one checkpoint file" in _error(capsys, trained_run, "--out", str(out), "--checkpoint",
+                                                             os.path.join(trained_run, "checkpoints"))
+    here = tmp_path / "empty_here"
+    here.mkdir()
+    monkeypatch.chdir(here)  # an empty current folder: never removed to make room
+    assert "--out is empty" in _error(capsys, trained_run, "--out", "")
+    assert "is the current folder" in _error(capsys, trained_run, "--out", ".")
+    assert here.is_dir() and os.listdir(here) == []
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the hf extra were not installed
     err = _error(capsys, trained_run, "--out", str(out))

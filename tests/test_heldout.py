@@ -113,6 +113,11 @@ def test_held_out_count_zero_and_cli_values(tmp_path, capsys):
     prepare([src], str(tmp_path / "count"), DataConfig(vocab_size=400, compression_threshold=0.9), progress=False,
             options=PrepareOptions(holdout_rate=0.3, holdout_max_docs=4))
     assert json.load(open(tmp_path / "count" / "manifest.json"))["holdout"]["selected_docs"] == 4
+    # a count larger than the 1% draw gives: it is a cap, and the command says so
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "many"), "--holdout-docs", "500"]) == 0
+    held = json.load(open(tmp_path / "many" / "manifest.json"))["holdout"]["selected_docs"]
+    assert held < 500 and f"--holdout-docs 500 is a cap" in capsys.readouterr().err
     for bad in ("-1", "2.5", "many"):
         with pytest.raises(SystemExit) as e:
             main(base + ["--out", str(tmp_path / "x"), "--holdout-docs", bad])

@@ -113,3 +113,24 @@ def test_outputs_are_checked_before_any_run(heldout_data, tmp_path, capsys):
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "sr") == ["seed-0"]  # no run started
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--json", "{tmp}"], "is a folder; give a file name"),
+    (["--", "--minutes", "1"], "--minutes after `--`: the speedrun sets it"),
+    (["--", "--seed=3"], "--seed after `--`"),
+])
+def test_bad_speedrun_flags_stop_before_any_run(heldout_data, tmp_path, capsys, argv, needle):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc = main(["bench", "speedrun", "--target-loss", "5", "--data", heldout_data, "--out", str(tmp_path / "sr"),
+               *argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "sr").exists()
+
+
+def test_bad_data_leaves_no_results_folder_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "speedrun", "--target-loss", "5", "--data", str(tmp_path / "nowhere")])
+    assert rc == 2 and "nowhere" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

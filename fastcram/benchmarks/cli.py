@@ -325,6 +325,9 @@ def cmd_speedrun(args) -> int:
         target_loss=args.target_loss, preset=preset, max_minutes=args.max_minutes, runs=args.runs,
         data_dir=args.data, eval_every=args.eval_every, first_seed=args.seed,
         out_dir=args.out or os.path.join("runs", f"speedrun-{stamp}"), train_args=tuple(extra))
+    speedrun.check_settings(settings)  # before any folder is made
+    if args.json:
+        check_output_file(args.json, "--json", make_parent=True, example="speedrun.json")
     json_dir = os.path.dirname(os.path.abspath(args.json or os.path.join(RESULTS_DIR, "x.json")))
     speedrun.check_outputs(settings.out_dir, settings, json_dir, "--json" if args.json else f"{RESULTS_DIR}/")
     rep = speedrun.run(settings, command=speedrun.command(settings))

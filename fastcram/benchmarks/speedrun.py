@@ -59,6 +59,30 @@ def command(settings: SpeedrunSettings) -> str:
     return shlex.join(argv + (["--", *settings.train_args] if settings.train_args else []))
 
 
+# train flags a speedrun sets itself: given after `--` they would silently change what the report says it ran
+OWNED_TRAIN_FLAGS = ("--preset", "--minutes", "--hours", "--seed", "--target-loss", "--eval-every", "--out",
+                     "--data", "--resume")
+
+
+def check_settings(settings: SpeedrunSettings) -> None:
+    """Before anything is created: the numbers, the flags passed on to train, the data's held-out split."""
+    if settings.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {settings.runs}")
+    if not settings.max_minutes > 0:
+        raise UserError(f"--max-minutes must be positive, got {settings.max_minutes}")
+    for arg in settings.train_args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_TRAIN_FLAGS:
+            raise UserError(f"{flag} after `--`: the speedrun sets it for every run; use the speedrun's own flag "
+                            f"(--preset, --max-minutes, --seed, --target-loss, --eval-every, --out, --data)")
+    if settings.data_dir:  # the target is a held-out loss: the data must have a held-out split
+        from ..data.loader import BlockDataset
+
+        data = BlockDataset(settings.data_dir)
+        if data.holdout is None:
+            raise UserError(f"--data: {data.no_holdout_reason}")
+
+
 def check_outputs(out_dir: str, settings: SpeedrunSettings, json_dir: str, json_flag: str) -> None:
     """Before any run: the report's folder can be written and no run folder is there already (a failure
     after the runs would lose them)."""
@@ -165,16 +189,7 @@ def run(settings: SpeedrunSettings, runner: Callable[[list[str]], int] | None = 
         command: str | None = None) -> dict:
     """Every seed's run, one after the other (runner: default subprocess_runner); the report (not written)."""
     runner = runner or subprocess_runner
-    if settings.runs < 1:
-        raise UserError(f"--runs must be at least 1, got {settings.runs}")
-    if not settings.max_minutes > 0:
-        raise UserError(f"--max-minutes must be positive, got {settings.max_minutes}")
-    if settings.data_dir:  # the target is a held-out loss: the data must have a held-out split
-        from ..data.loader import BlockDataset
-
-        data = BlockDataset(settings.data_dir)
-        if data.holdout is None:
-            raise UserError(f"--data: {data.no_holdout_reason}")
+    check_settings(settings)
     results: list[RunResult] = []
     for i in range(settings.runs):
         seed = settings.first_seed + i

@@ -163,6 +163,10 @@ def check_folder(folder: str, ref: CrammedBert, run: RunExport) -> float:
 def _check_out(out: str) -> None:
     """Before anything is read: --out is new or an empty folder, and its parent (where the folder is built under
     a temporary name) exists and takes files."""
+    if not out.strip():
+        raise UserError("--out is empty; give the folder to write, e.g. --out exported-model")
+    if os.path.abspath(out) == os.getcwd():
+        raise UserError(f"--out {out} is the current folder; give a new folder inside it, e.g. --out exported-model")
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose another --out or remove it")
     parent = os.path.dirname(os.path.abspath(out))

@@ -69,6 +69,9 @@ def read_run(run_dir: str, checkpoint: str | None = None, tokenizer: str | None 
         cfg = from_dict(ModelConfig, config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{config_path} is not a valid run config ({e})") from None
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint} is a folder; give one checkpoint file (e.g. "
+                        f"{os.path.join(checkpoint, 'final.pt')}), or the run folder alone for its newest usable one")
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise UserError(f"--checkpoint {checkpoint} does not exist")
     payload = checkpoint_payload(checkpoint or run_dir, trust)

@@ -248,7 +248,11 @@ def _load_file(path: str, trust: bool, require: tuple[str, ...] = ("model",)) ->
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
+    """The line of an error that names the problem: for torch's weights-only refusal the object the file asked
+    to load (its first lines are general advice), else the first line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+    named = [ln for ln in lines if "unsupported" in ln.lower() and not ln.startswith("Weights only load failed")]
+    return (named or lines)[0][:300]
 
 
 def read_record(path: str) -> dict | None:

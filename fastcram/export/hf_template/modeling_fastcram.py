@@ -3,14 +3,14 @@
 Self-contained: torch and transformers only. Load it with trust_remote_code=True:
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)
 
 The network is fastcram's CrammedBert computed at every position: token embedding + scaled sinusoidal
 positions, LayerNorm, pre-LayerNorm blocks (fused QKV attention, GELU-GLU or GELU FFN, no Linear biases), a
 final LayerNorm; the masked-LM decoder is the token embedding itself (tied, no bias). Dropout sits where
-fastcram's GLUE fine-tuning has it: after the embedding norm, on the attention probabilities, inside the FFN
-and on each block's two outputs; the classification head is fastcram's: first token -> Linear -> Tanh ->
+fastcram's GLUE fine-tuning has it: after the embedding norm, on the attention probabilities and on each
+block's two outputs (none inside the FFN); the classification head is fastcram's: first token -> Linear -> Tanh ->
 dropout -> Linear.
 """
 from __future__ import annotations
