@@ -83,7 +83,7 @@ def add_parser(sub) -> None:
     c.add_argument("--check-driver", action="store_true",
                    help="on a GPU: load every compiled kernel into the CUDA driver and compare its registers and "
                         "spills with the report's (tools/gpu_check.sh does this)")
-    c.add_argument("--native-lib", default=os.path.join("build", "libfastcram_native.so"), metavar="FILE",
+    c.add_argument("--native-lib", default=NATIVE_LIB_DEFAULT, metavar="FILE",
                    help="CMake-built native library to report too (default build/libfastcram_native.so)")
     c.add_argument("--csv", metavar="FILE", help="CSV to write (default bench/results/compile-<arches>-<time>.csv)")
     c.add_argument("--plain", action="store_true", help="plain table even when rich is installed")
@@ -193,13 +193,23 @@ def cmd_step(args) -> int:
     return 0
 
 
+NATIVE_LIB_DEFAULT = os.path.join("build", "libfastcram_native.so")  # where CMakeLists.txt builds it
+
+
 def cmd_compile(args) -> int:
     from ..config import PRESETS
     from . import compile_report as cr
     from .table import print_table
 
-    arches = tuple(_split([args.arch]))
-    from ..ops.compile_only import ARCHS
+    arches = tuple(dict.fromkeys(_split([args.arch])))  # each architecture once, in the order given
+    from ..ops._triton import HAVE_TRITON
+    from ..ops.compile_only import ARCHS, cuobjdump
+
+    if not HAVE_TRITON:
+        raise UserError("bench compile needs triton (pip install triton); the report compiles its kernels")
+    if cuobjdump() is None:
+        raise UserError("bench compile needs the cuobjdump that Triton's wheel ships (or one on PATH); reinstall "
+                        "triton")
 
     bad = [a for a in arches if a not in ARCHS]
     if bad or not arches:
@@ -216,6 +226,12 @@ def cmd_compile(args) -> int:
     path = check_output_file(args.csv or os.path.join(RESULTS_DIR, f"compile-{'-'.join('sm' + a for a in arches)}-"
                                                                    f"{time.strftime('%Y%m%d-%H%M%S')}.csv"),
                              "--csv", make_parent=True, example="compile.csv")
+    if args.native_lib and not os.path.isfile(args.native_lib):
+        if args.native_lib != NATIVE_LIB_DEFAULT:
+            raise UserError(f"--native-lib {args.native_lib} does not exist; build kernels/ (cmake -S . -B build && "
+                            f"cmake --build build) or pass --native-lib '' to leave the native kernels out")
+        print(f"fastcram: no native rows: {NATIVE_LIB_DEFAULT} is not built (cmake -S . -B build && cmake --build "
+              f"build)", file=sys.stderr)
     settings = cr.ReportSettings(arches=arches, ops=tuple(_split(args.ops)) if args.ops else None,
                                  preset=args.preset, micro_batches=micro, all_configs=args.all_configs,
                                  native_lib=args.native_lib, check_driver=args.check_driver)

@@ -128,7 +128,10 @@ def native_rows(lib: str | None, arches) -> list[dict]:
                          "local_bytes": u.get("STACK", 0) + u.get("LOCAL", 0),
                          "threads": threads or "",
                          "ctas_per_sm": blocks_per_sm(arch_of(arch), u["REG"], u["SHARED"], threads) if threads
-                         else "", "wgmma": "-", "tma": "-", "cp_async": "-", "uses_dot": "-", "pruned": "no",
+                         else "", "spill_stores": u.get("SPILL_STORES", ""),
+                         **{col: ("yes" if u[key] else "no") if key in u else "-"
+                            for col, key in (("wgmma", "WGMMA"), ("tma", "TMA"), ("cp_async", "CP_ASYNC"))},
+                         "uses_dot": "-", "pruned": "no",
                          "compile_s": "", "micro_batch": ""})
     return rows
 

@@ -92,7 +92,7 @@ class Compiled:
     status: str = "ok"  # or "cannot launch: ..."
     compile_s: float | None = None  # None: compiled before this launch asked for it
     dtypes: str = ""  # element types of the pointer arguments, e.g. "bf16,fp32"
-    uses_dot: bool = False  # the kernel's source has a tl.dot (a GEMM: it should use wgmma on sm_90a)
+    uses_dot: bool = False  # the compiled kernel has a tt.dot (a GEMM: it should use wgmma on sm_90a)
     cubin: bytes = b""  # kept only when asked (to load it into a real driver: `bench compile --check-driver`)
     symbol: str = ""  # the kernel's function name inside the cubin
 
@@ -289,13 +289,12 @@ class CompileOnlyDriver:
         signature = getattr(src, "signature", {}) or {}
         spec = f"{signature} {getattr(src, 'attrs', '')}"
         dtypes = sorted({str(t)[1:] for t in signature.values() if str(t).startswith("*")})
-        source = getattr(fn, "src", "") or ""
         rec = Compiled(kernel=name, arch=self.arch.name, constexprs=constexprs, specialization=spec,
                        num_warps=metadata.num_warps, num_stages=metadata.num_stages, shared=metadata.shared,
                        threads=metadata.num_warps * 32, ptx=_ptx_of(metadata),
                        compile_s=round(time.perf_counter() - self._started.pop(name), 3)
                        if name in self._started else None,
-                       dtypes=",".join(dtypes), uses_dot="tl.dot(" in source)
+                       dtypes=",".join(dtypes), uses_dot="tt.dot" in _cached_text(metadata, "ttir"))
         self.records.append(rec)
         return rec
 
@@ -303,16 +302,22 @@ class CompileOnlyDriver:
         self._started[fn_name] = time.perf_counter()
 
 
-def _ptx_of(metadata) -> str:
-    """The PTX the cubin was assembled from, read back from Triton's cache."""
+def _cached_text(metadata, ext: str) -> str:
+    """One stage of the compile (ttir, ttgir, llir, ptx) read back from Triton's cache; "" when absent. The
+    TTIR holds every tl.dot of the kernel, also those in the @triton.jit helpers it calls (inlined there)."""
     from triton.runtime.cache import get_cache_manager
 
     group = get_cache_manager(metadata.hash).get_group(f"{metadata.name}.json") or {}
-    path = group.get(f"{metadata.name}.ptx")
+    path = group.get(f"{metadata.name}.{ext}")
     if not path:
         return ""
     with open(path) as f:
         return f.read()
+
+
+def _ptx_of(metadata) -> str:
+    """The PTX the cubin was assembled from."""
+    return _cached_text(metadata, "ptx")
 
 
 @contextlib.contextmanager
@@ -373,6 +378,10 @@ def native_resource_usage(library: str) -> dict[int, dict[str, dict]]:
             usage.setdefault(sm, {})[fn] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
             usage[sm][fn]["name"] = _short_name(fn)
             fn = None
+    sass = subprocess.run([tool, "-sass", library], capture_output=True, text=True).stdout
+    for (sm_, fn_), counts in sass_counts(sass).items():
+        if fn_ in usage.get(sm_, {}):
+            usage[sm_][fn_].update(counts)
     elf = subprocess.run([tool, "-elf", library], capture_output=True, text=True).stdout
     fn, want = None, False
     for line in elf.splitlines():
@@ -390,6 +399,37 @@ def native_resource_usage(library: str) -> dict[int, dict[str, dict]]:
                 usage[sm][fn]["MAX_THREADS"] = dims[0] * (dims[1] if len(dims) > 1 else 1) * \
                     (dims[2] if len(dims) > 2 else 1)
     return usage
+
+
+# SASS instructions that show a Hopper / Ampere feature in use, and register spills
+SASS_MARKS = {"SPILL_STORES": r"\bSTL(\.\w+)*\s", "WGMMA": r"\bHGMMA\b", "TMA": r"\bUTMALDG\b|\bUBLKCP\b",
+              "CP_ASYNC": r"\bLDGSTS\b"}
+
+
+def sass_counts(sass: str) -> dict[tuple[int, str], dict[str, int]]:
+    """{(sm, mangled function): {SPILL_STORES, WGMMA, TMA, CP_ASYNC instruction counts}} of `cuobjdump -sass`."""
+    out: dict[tuple[int, str], dict[str, int]] = {}
+    sm, fn, body = None, None, []
+
+    def flush():
+        if sm is not None and fn is not None:
+            text = "\n".join(body)
+            out[(sm, fn)] = {k: len(re.findall(p, text)) for k, p in SASS_MARKS.items()}
+
+    for line in sass.splitlines():
+        m = re.match(r"\s*arch = sm_(\d+)", line)
+        f = re.match(r"\s*Function : (\S+)", line)
+        if m or f:
+            flush()
+            body = []
+            if m:
+                sm, fn = int(m.group(1)), None
+            else:
+                fn = f.group(1)
+        elif fn is not None:
+            body.append(line)
+    flush()
+    return out
 
 
 def _short_name(mangled: str) -> str:
@@ -417,5 +457,7 @@ def driver_usage(rec: Compiled, device_index: int = 0) -> tuple[int, int]:
     utils = triton_driver.active.utils
     module, _function, n_regs, n_spills, _max_threads = utils.load_binary(rec.symbol, rec.cubin, rec.shared,
                                                                          device_index)
-    utils.unload_module(module)
+    unload = getattr(utils, "unload_module", None)  # Triton 3.6's driver has none: the module stays loaded
+    if unload is not None:
+        unload(module)
     return n_regs, n_spills
