@@ -13,18 +13,18 @@ pytestmark = pytest.mark.skipif(not ln.HAVE_TRITON, reason="triton is not instal
 N = 40  # features (not a power of two)
 
 
-def views(rows: int = 12):
+def views(rows: int = 12, device: str = "cpu"):
     """Inputs [rows, N] whose memory is laid out in three non-contiguous ways (fresh values every call)."""
     return {
-        "transposed": torch.randn(N, rows).t(),  # strides (1, rows)
-        "sliced": torch.randn(rows, 2 * N)[:, ::2],  # strides (2N, 2)
-        "rows-sliced": torch.randn(2 * rows, N)[::2],  # strides (2N, 1)
-        "expanded": torch.randn(1, N).expand(rows, N),  # strides (0, 1)
+        "transposed": torch.randn(N, rows, device=device).t(),  # strides (1, rows)
+        "sliced": torch.randn(rows, 2 * N, device=device)[:, ::2],  # strides (2N, 2)
+        "rows-sliced": torch.randn(2 * rows, N, device=device)[::2],  # strides (2N, 1)
+        "expanded": torch.randn(1, N, device=device).expand(rows, N),  # strides (0, 1)
     }
 
 
-def params():
-    return torch.randn(N), torch.randn(N)
+def params(device: str = "cpu"):
+    return torch.randn(N, device=device), torch.randn(N, device=device)
 
 
 def fake_and_real(op, *args):
@@ -54,6 +54,22 @@ def test_layer_norm_fakes_match_real_outputs(view):
     y, mean, rstd = torch.ops.fastcram.layer_norm_fwd(x, w, b, 1e-5)
     real, fake = fake_and_real(torch.ops.fastcram.layer_norm_bwd, dy, None, x, w, mean, rstd, x.dtype, None)
     assert_same_layout(real, fake)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("view", list(views()))
+def test_native_norm_fakes_match_real_outputs(view):
+    """The CMake-built CUDA norm's custom ops (--norm-kernels cuda), where the library is built."""
+    from fastcram.ops import native_norm
+
+    if not native_norm.HAVE_NATIVE:
+        pytest.skip(native_norm.NATIVE_REASON)
+    x, r, dy = (views(device="cuda")[view] for _ in range(3))
+    w, b = params("cuda")
+    assert_same_layout(*fake_and_real(torch.ops.fastcram.native_ln_fwd, x, w, b, 1e-5))
+    assert_same_layout(*fake_and_real(torch.ops.fastcram.native_add_ln_fwd, x, r, w, b, 1e-5))
+    _, mean, rstd = torch.ops.fastcram.native_ln_fwd(x, w, b, 1e-5)
+    assert_same_layout(*fake_and_real(torch.ops.fastcram.native_ln_bwd, dy, x, w, mean, rstd, None))
 
 
 # The views made inside the compiled function, from contiguous graph inputs: [rows, N] each.
