@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import math
 import sys
 
 from .config import PRESETS, DataConfig, RunOptions, TrainConfig, preset
@@ -148,6 +149,9 @@ def cmd_train(args) -> int:
     tcfg = dataclasses.replace(TrainConfig(), **preset(name).train_overrides)
     hours = args.hours if args.hours is not None else (args.minutes / 60 if args.minutes is not None else 24.0)
     tcfg.budget_s = hours * 3600.0
+    if not math.isfinite(tcfg.budget_s):
+        flag = f"--hours {args.hours:g}" if args.hours is not None else f"--minutes {args.minutes:g}"
+        raise UserError(f"{flag}: a budget that large is infinite in seconds; give a finite budget")
     tcfg.device, tcfg.seed = args.device, args.seed
     tcfg.norm_kernels = args.norm_kernels
     tcfg.compile = gpu if args.compile is None else args.compile

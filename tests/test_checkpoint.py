@@ -147,6 +147,22 @@ def test_resume_passes_over_a_crafted_checkpoint(run, tmp_path, capsys):
     assert ckpt.load_checkpoint(final(run))["step"] == 4  # the resumed run wrote a good final.pt again
 
 
+def test_newer_checkpoints_whose_records_are_lost_are_named(run, capsys):
+    """A missing or unreadable record ranks a checkpoint last: the loader takes an older one and says which newer
+    ones it could not check, instead of passing over them without a word."""
+    os.remove(ckpt.record_path(final(run)))
+    with open(ckpt.record_path(ckpt.step_path(run, 3)), "w") as f:
+        f.write('{"bytes": 12')  # cut short
+    payload = ckpt.load_checkpoint(run)
+    assert payload["_path"] == ckpt.step_path(run, 2)
+    err = capsys.readouterr().err
+    for lost in (final(run), ckpt.step_path(run, 3)):
+        assert f"{lost} was not used: its checksum record is missing or unreadable" in err
+    assert ckpt.step_path(run, 1) not in err  # older ones with good records are not mentioned
+    assert load_run(run).checkpoint == ckpt.step_path(run, 2)  # eval glue's loader names them as well
+    assert f"{final(run)} was not used" in capsys.readouterr().err
+
+
 def test_export_passes_over_a_crafted_checkpoint(run, tmp_path, capsys):
     pytest.importorskip("transformers")
     marker = str(tmp_path / "pwned")

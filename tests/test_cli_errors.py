@@ -78,7 +78,8 @@ def test_tokenizer_not_matching_shards(small_data, tmp_path):
     assert_one_line_error(res, "tokenizer.json", "does not match")
 
 
-@pytest.mark.parametrize("flag, value", [("--minutes", "0"), ("--hours", "-1"), ("--minutes", "abc")])
+@pytest.mark.parametrize("flag, value", [("--minutes", "0"), ("--hours", "-1"), ("--minutes", "abc"),
+                                         ("--hours", "1e308"), ("--minutes", "1e307")])
 def test_zero_or_negative_budget(tmp_path, flag, value):
     res = run_cli("train", flag, value, "--out", str(tmp_path / "run"))
     assert_one_line_error(res, flag)

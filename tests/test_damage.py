@@ -146,6 +146,30 @@ def test_a_damaged_config_falls_back_to_the_checkpoints_copy(run, capsys, damage
     assert ckpt.load_checkpoint(final(run))["step"] == 5
 
 
+@pytest.mark.parametrize("edit,why", [
+    (lambda c: c["train"].update(lr="x"), "lr = 'x' is not a float"),
+    (lambda c: c["train"].update(budget_s=None), "budget_s = None is not a float"),
+    (lambda c: c["train"].update(micro_batch=-4), "micro_batch = -4 must be positive"),
+    (lambda c: c["train"].update(micro_batch=True), "micro_batch = True is not a int"),
+    (lambda c: c["data"].update(seq_len=0), "seq_len = 0 must be positive"),
+    (lambda c: c.update(preset="nope"), "preset 'nope' is not one of"),
+    (lambda c: c.update(train={}), "lacks budget_s, micro_batch"),
+], ids=["lr-text", "budget-null", "micro-batch-negative", "micro-batch-bool", "seq-len-0", "preset", "train-empty"])
+def test_a_config_with_bad_values_falls_back_to_the_checkpoints_copy(run, capsys, edit, why):
+    """Valid JSON whose values `fastcram train` never writes: damaged all the same, never silently defaulted."""
+    path = os.path.join(run, "config.json")
+    good = json.load(open(path))
+    bad = json.loads(json.dumps(good))
+    edit(bad)
+    with open(path, "w") as f:
+        json.dump(bad, f)
+    assert main(["train", "--resume", run, "--max-steps", "5", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"{path} is unreadable or not valid" in err and why in err and "Traceback" not in err
+    assert json.load(open(path)) == good  # written again from the checkpoint's copy
+    assert ckpt.load_checkpoint(final(run))["step"] == 5
+
+
 def test_a_damaged_config_without_any_checkpoint_is_one_line(run, capsys):
     shutil.rmtree(os.path.join(run, "checkpoints"))
     with open(os.path.join(run, "config.json"), "wb") as f:

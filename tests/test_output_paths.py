@@ -192,6 +192,21 @@ def test_cache_folder(small_data, places, tmp_path, monkeypatch, capsys, place, 
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")  # checked before any work
 
 
+@pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
+def test_cache_folder_of_the_step_benchmark(places, tmp_path, monkeypatch, capsys, place):
+    """bench step puts inductor's and Triton's caches into the cache folder: checked before any variant."""
+    _, path, says = places[place]
+    monkeypatch.setenv("FASTCRAM_CACHE", path)
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    csv_path = tmp_path / "step.csv"
+    rc = main(["bench", "step", "--device", "cpu", "--preset", "tiny", "--micro-batch", "2", "--steps", "1",
+               "--warmup", "1", "--repeats", "3", "--variants", "kernels=torch", "--csv", str(csv_path)])
+    line = error_line(capsys)
+    assert rc == 2 and f"FASTCRAM_CACHE={path}" in line and says in line, line
+    assert not csv_path.exists()
+
+
 def test_a_tuning_cache_that_cannot_be_written_is_said_and_not_fatal(small_disk, capsys):
     from fastcram.train import tune_cache
     disk = small_disk(1 << 20)

@@ -367,8 +367,12 @@ def measure_variant(variant: sw.Variant, model_cfg: ModelConfig, s: StepSettings
         if cuda and row.status == "ok":
             row.peak_mem_mib = torch.cuda.max_memory_allocated(s.device) / 2**20
         del v
-        _release(s.device)
-    return _fill(row, rates, model_cfg, s, peak)
+        try:
+            _release(s.device)
+        except Exception as e:  # never hides the variant's own failure, nor stops the next variant
+            if row.status == "ok":
+                row.status = f"error: releasing its compiled graphs: {type(e).__name__}: {e}"[:300]
+    return _fill(row, rates, model_cfg, s, peak) if row.status == "ok" else row
 
 
 def _fill(row: StepRow, rates: list[float], model_cfg: ModelConfig, s: StepSettings, peak: float | None) -> StepRow:

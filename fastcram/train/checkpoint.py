@@ -189,12 +189,34 @@ def load_checkpoint(path: str, trust: bool = False, say: Callable[[str], None] |
         raise CheckpointError(f"{path} has no checkpoint ({CKPT_DIR}/final.pt or step-*.pt)")
     if len(paths) == 1:
         return _load_file(paths[0], trust, require)
-    for p in paths:
+    for i, p in enumerate(paths):
         try:
-            return _load_file(p, trust, require)
+            payload = _load_file(p, trust, require)
         except CheckpointError as e:
             say(f"fastcram: warning: {e}; trying an older checkpoint")
+            continue
+        for q in _unchecked_newer(paths[i + 1:], payload.get("step")):
+            say(f"fastcram: warning: {q} was not used: its checksum record is missing or unreadable, so it cannot "
+                f"be checked, and it may be newer than {p}; restore its record, or, if you made it yourself, "
+                f"give that file with {TRUST_FLAG}")
+        return payload
     raise CheckpointError(f"none of the {len(paths)} checkpoints of {path} can be used (each is named above)")
+
+
+def _unchecked_newer(rest: list[str], step) -> list[str]:
+    """Of the checkpoints ranked after the one loaded, those without a usable record (ranked last for that, not
+    for their age) that may be newer than it: final.pt, or a step-N.pt with N above its step."""
+    out = []
+    for q in rest:
+        try:
+            if read_record(q) is not None:
+                continue
+        except CheckpointError:
+            pass
+        m = _STEP_NAME.fullmatch(os.path.basename(q))
+        if os.path.basename(q) == FINAL or not isinstance(step, int) or (m and int(m.group(1)) > step):
+            out.append(q)
+    return out
 
 
 def _load_file(path: str, trust: bool, require: tuple[str, ...] = ("model",)) -> dict:

@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 
-from ..data.builtin import cache_dir
+from ..data.builtin import writable_cache_dir
 
 VARIABLES = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR"}
 
@@ -18,7 +18,7 @@ VARIABLES = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR"
 @contextlib.contextmanager
 def compile_caches(root: str | None = None):
     """Yields {"inductor": {"path", "set_by"}, "triton": {...}}; set_by says who chose the folder."""
-    root = root or cache_dir()
+    root = root or writable_cache_dir()  # a file, read-only or full place: one line naming FASTCRAM_CACHE
     before = {var: os.environ.get(var) for var in VARIABLES.values()}
     info = {}
     for name, var in VARIABLES.items():

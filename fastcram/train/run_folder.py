@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Callable
 
-from ..config import DataConfig, RunOptions, TrainConfig, from_dict
+from ..config import PRESETS, DataConfig, RunOptions, TrainConfig, from_dict
 from ..errors import UserError
 from ..files import WriteError, atomic_write_json, check_output_dir
 from . import checkpoint as ckpt
@@ -49,16 +50,59 @@ def _read_config(run_dir: str) -> dict:
     return saved
 
 
+# Fields every config.json `fastcram train` has written holds (newer fields may be absent from older runs
+# and take their defaults); their absence means the file was damaged or edited.
+REQUIRED = {TrainConfig: ("budget_s", "micro_batch", "final_batch", "lr", "seed", "compile"),
+            DataConfig: ("seq_len", "mask_prob", "vocab_size")}
+# Values that must be positive, or at least not negative, for a run to make sense.
+POSITIVE = {"budget_s", "micro_batch", "final_batch", "lr", "eval_blocks", "max_bad_steps", "seq_len",
+            "vocab_size", "shard_blocks", "mask_prob"}
+NOT_NEGATIVE = {"log_interval_s", "checkpoint_interval_s", "telemetry_interval_s", "keep_checkpoints",
+                "eval_every_s", "eval_growth", "max_steps"}
+_TYPES = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "dict": (dict,),
+          "tuple": (list, tuple), "None": (type(None),)}
+
+
+def _checked_fields(cls, d) -> None:
+    """ValueError naming the first field of a saved `cls` section that is missing, of the wrong type, or out of
+    range (the types come from the dataclass's annotations, e.g. "float | None")."""
+    if not isinstance(d, dict):
+        raise ValueError(f"its {cls.__name__} section is not a JSON object")
+    missing = [k for k in REQUIRED.get(cls, ()) if k not in d]
+    if missing:
+        raise ValueError(f"its {cls.__name__} section lacks {', '.join(missing)}")
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        allowed = tuple(t for name in str(f.type).split("|") for t in _TYPES.get(name.strip(), (object,)))
+        if (isinstance(v, bool) and bool not in allowed) or not isinstance(v, allowed):
+            raise ValueError(f"{f.name} = {v!r} is not a {f.type}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{f.name} = {v!r} is not finite")
+        if f.name in POSITIVE and v is not None and not v > 0:
+            raise ValueError(f"{f.name} = {v!r} must be positive")
+        if f.name in NOT_NEGATIVE and v is not None and v < 0:
+            raise ValueError(f"{f.name} = {v!r} must not be negative")
+
+
 def options_from(saved) -> tuple[TrainConfig, DataConfig, str, str | None]:
     """(train config, data config, preset, data folder) of a saved run config; ValueError when it has not the
-    shape `fastcram train` writes."""
+    shape and values `fastcram train` writes (a field missing, of the wrong type or out of range, an unknown
+    preset)."""
     try:
+        _checked_fields(TrainConfig, saved["train"])
+        _checked_fields(DataConfig, saved["data"])
         train, data = from_dict(TrainConfig, saved["train"]), from_dict(DataConfig, saved["data"])
         preset, data_dir = saved["preset"], saved["data_dir"]
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"not a run config: {type(e).__name__} {e}") from None
+    except ValueError as e:
+        raise ValueError(f"not a valid run config: {e}") from None
     if not isinstance(preset, str) or not (data_dir is None or isinstance(data_dir, str)):
         raise ValueError("not a run config: preset or data_dir of the wrong type")
+    if preset not in PRESETS:
+        raise ValueError(f"not a valid run config: preset {preset!r} is not one of {', '.join(PRESETS)}")
     return train, data, preset, data_dir
 
 
@@ -71,15 +115,15 @@ def saved_config(run_dir: str, resumed: dict | None, say: Callable[[str], None])
     except (OSError, ValueError) as e:  # ValueError: JSON, UTF-8 or shape
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
     if resumed is None:
-        raise UserError(f"--resume {run_dir}: {path} is unreadable ({why}) and the run has no checkpoint that "
-                        f"holds a copy; start a new run with another --out") from None
+        raise UserError(f"--resume {run_dir}: {path} is unreadable or not valid ({why}) and the run has no "
+                        f"checkpoint that holds a copy; start a new run with another --out") from None
     try:
         options_from(resumed["config"])
     except ValueError as e:
-        raise UserError(f"--resume {run_dir}: {path} is unreadable ({why}) and the copy in {resumed['_path']} is "
-                        f"not valid either ({e}); start a new run with another --out") from None
-    say(f"fastcram: warning: {path} is unreadable ({why}); using the copy of the configuration stored in "
-        f"{resumed['_path']}")
+        raise UserError(f"--resume {run_dir}: {path} is unreadable or not valid ({why}) and the copy in "
+                        f"{resumed['_path']} is not valid either ({e}); start a new run with another --out") from None
+    say(f"fastcram: warning: {path} is unreadable or not valid ({why}); using the copy of the configuration "
+        f"stored in {resumed['_path']}")
     try:
         atomic_write_json(path, resumed["config"])
         say(f"fastcram: wrote {path} again from that copy")
