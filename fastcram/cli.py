@@ -199,11 +199,23 @@ def _ignored_on_resume(args) -> list[str]:
     """The flags given with --resume that the saved configuration overrides, as `--flag value`."""
     out = []
     for dest, value in vars(args).items():
-        if dest in _RESUME_DESTS or value is None or value == args.parser.get_default(dest):
+        if dest in _RESUME_DESTS or dest == "argv" or value is None or value == args.parser.get_default(dest):
             continue
         flag = "--" + dest.replace("_", "-")
-        out.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}")
+        out.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool)
+                   else f"{flag} {_as_typed(args, flag, value)}")
     return out
+
+
+def _as_typed(args, flag: str, value) -> str:
+    """A flag's value as the user typed it (a parsed value such as --eval-every's may be a tuple)."""
+    words = getattr(args, "argv", [])
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith(flag + "="):
+            return word[len(flag) + 1:]
+    return str(value)
 
 
 def _step_switches(args, tcfg: TrainConfig, gpu: bool) -> tuple[dict, tuple]:
@@ -255,6 +267,9 @@ def cmd_tokenizer_train(args) -> int:
         raise UserError(f"--input {' '.join(args.input)} holds no text to train a tokenizer on; pass files with text")
     save_tokenizer(tok, args.out)
     print(f"wrote {args.out}: vocabulary {tok.get_vocab_size()}", file=sys.stderr)
+    if tok.get_vocab_size() < args.vocab_size:
+        print(f"fastcram: note: --vocab-size {args.vocab_size} asked for more than this text holds: the vocabulary "
+              f"has {tok.get_vocab_size()} tokens; train on more text for a full one", file=sys.stderr)
     return 0
 
 
@@ -430,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports torch: Ctrl-C may come here already
         args = parser.parse_args(argv)  # argparse itself exits 2 with one line for malformed flags
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the words as typed, for messages
         return args.func(args)
     except (UserError, WriteError) as e:  # bad input, or an output that cannot be written: one line, exit 2
         print(f"fastcram: error: {e}", file=sys.stderr)

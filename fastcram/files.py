@@ -54,7 +54,8 @@ class WriteError(OSError):
 
 
 def as_write_error(path: str, e: OSError) -> WriteError:
-    return e if isinstance(e, WriteError) else WriteError(getattr(e, "filename", None) or path, e)
+    """A WriteError naming path, the file being written: not the temp file beside it that the OS named."""
+    return e if isinstance(e, WriteError) else WriteError(path, e)
 
 
 @contextlib.contextmanager

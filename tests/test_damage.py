@@ -194,6 +194,22 @@ def test_a_checkpoint_without_the_expected_entries_is_named(run, capsys):
     assert final(run) in line and "lacks 'optimizer', 'micro_steps'" in line
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_names_the_keys(run, capsys):
+    payload = ckpt.load_checkpoint(final(run))
+    key = sorted(payload["model"])[-1]
+    del payload["model"][key]
+    payload["model"]["not_a_parameter"] = torch.zeros(1)
+    payload.pop("_path", None)
+    torch.save(payload, final(run))
+    rewrite_record(final(run))
+    for step in range(4):
+        os.remove(ckpt.step_path(run, step))
+    assert main(["train", "--resume", run, "--quiet"]) == 2
+    line = error_line(capsys)
+    assert "does not fit this run" in line and f'Missing key(s) in state_dict: "{key}"' in line
+    assert 'Unexpected key(s) in state_dict: "not_a_parameter"' in line
+
+
 # ---------------------------------------------------------------- shards
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,14 @@ def test_train_out(small_data, places, tmp_path, capsys, place):
 
 
 @pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
+def test_speedrun_out(heldout_data, places, tmp_path, capsys, place):
+    _, path, says = places[place]
+    rc = main(["bench", "speedrun", "--target-loss", "5", "--data", heldout_data, "--out", path, "--json",
+               str(tmp_path / "r.json")])
+    _check(capsys, rc, "--out", path, says)
+
+
+@pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
 def test_export_hf_out(a_run, places, tmp_path, capsys, place):
     for name in ("transformers", "safetensors", "accelerate"):
         pytest.importorskip(name, reason="the hf extra is not installed")
@@ -232,6 +240,15 @@ def test_bad_flag_values_are_one_line(capsys, argv, needle):
     assert e.value.code == 2 and needle in error_line(capsys)
 
 
+def test_a_vocabulary_smaller_than_asked_is_said(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("a")
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "tiny.txt"), "--out", str(out),
+                 "--vocab-size", "300"]) == 0
+    err = capsys.readouterr().err
+    assert out.exists() and "--vocab-size 300 asked for more than this text holds" in err
+
+
 def test_tokenizer_train_on_an_empty_file_writes_nothing(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n  \n")
     out = tmp_path / "tok.json"
@@ -247,10 +264,11 @@ def test_flags_a_resumed_run_ignores_are_named(small_data, tmp_path, capsys):
                  "--max-steps", "2", "--minutes", "600", *base]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", run, "--max-steps", "3", "--micro-batch", "16", "--kernels", "triton",
-                 "--keep-checkpoints", "5", *base]) == 0
+                 "--keep-checkpoints", "5", "--eval-every=0", *base]) == 0
     err = capsys.readouterr().err
     (line,) = [ln for ln in err.splitlines() if "ignored:" in ln]
     assert "--micro-batch 16" in line and "--kernels triton" in line and "--keep-checkpoints 5" in line
+    assert "--eval-every 0" in line and "(" not in line.split("ignored:")[1].split(" (a resumed")[0]  # as typed
     assert "--max-steps" not in line.split("ignored:")[1].split("(")[0]  # that one a resumed run takes
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
-from ..files import atomic_write_json, inside, sha256_file
+from ..files import atomic_write_json, check_output_dir, inside, sha256_file
 
 ENV_KEYS = ("git_sha", "torch", "triton", "cuda", "python", "device")
 TABLE_HEADERS = ["seed", "reached", "time to target s", "known to s", "tokens", "steps", "tokens/s",
@@ -88,6 +88,7 @@ def check_outputs(out_dir: str, settings: SpeedrunSettings, json_dir: str, json_
     after the runs would lose them)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; give a folder for the runs")
+    check_output_dir(out_dir, "--out")  # read-only or full: said here, not by the first run's train
     taken = [f"seed-{settings.first_seed + i}" for i in range(settings.runs)
              if os.path.exists(os.path.join(out_dir, f"seed-{settings.first_seed + i}"))]
     if taken:

@@ -270,11 +270,13 @@ def _load_file(path: str, trust: bool, require: tuple[str, ...] = ("model",)) ->
 
 
 def _first_line(e: Exception) -> str:
-    """The line of an error that names the problem: for torch's weights-only refusal the object the file asked
-    to load (its first lines are general advice), else the first line."""
+    """The lines of an error that name the problem: for torch's weights-only refusal the object the file asked
+    to load (its first lines are general advice), for load_state_dict the keys that differ; else the first
+    line."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
-    named = [ln for ln in lines if "unsupported" in ln.lower() and not ln.startswith("Weights only load failed")]
-    return (named or lines)[0][:300]
+    named = [ln for ln in lines if ("unsupported" in ln.lower() and not ln.startswith("Weights only load failed"))
+             or ln.startswith(("Missing key(s)", "Unexpected key(s)", "size mismatch"))]  # load_state_dict's
+    return "; ".join(named or lines[:1])[:300]
 
 
 def read_record(path: str) -> dict | None:
