@@ -47,7 +47,7 @@ T_TESTS=${GPU_CHECK_T_TESTS:-60}
 T_KERNELS=${GPU_CHECK_T_KERNELS:-120}
 T_STEP=${GPU_CHECK_T_STEP:-170}
 # fastcram against its peers first (cramming's torch way, HF, Liger), then fastcram's own switches
-STEP_VARIANTS=${GPU_CHECK_STEP_VARIANTS:-"fastcram torch kernels=triton+compile_mode=reduce-overhead hf liger kernels=triton+residual=bf16 kernels=triton+attention=cudnn"}
+STEP_VARIANTS=${GPU_CHECK_STEP_VARIANTS:-"fastcram torch hf liger kernels=triton+compile_mode=reduce-overhead kernels=triton+residual=bf16 kernels=triton+attention=cudnn"}
 T_TRAIN=${GPU_CHECK_T_TRAIN:-135}
 TRAIN_MINUTES=${GPU_CHECK_TRAIN_MINUTES:-2}
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
