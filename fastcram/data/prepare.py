@@ -152,8 +152,8 @@ def _data_files(out_dir: str) -> list[str]:
     return [f for f in os.listdir(out_dir) if _OWN_FILE.fullmatch(f) and f not in (TOKENIZER_FILE, MANIFEST)]
 
 
-def _claim_folder(out_dir: str, tokenizer_path: str | None) -> tuple[dict | None, bool]:
-    """(journal state of the unfinished prepare in out_dir or None, whether the folder was created now). Any
+def _claim_folder(out_dir: str, tokenizer_path: str | None) -> tuple[dict | None, list[str]]:
+    """(journal state of the unfinished prepare in out_dir or None, the folders created now, deepest first). Any
     other folder must be empty (or hold only the --tokenizer file): fastcram never writes into, or deletes from,
     a folder of the user's."""
     if os.path.exists(os.path.join(out_dir, MANIFEST)):
@@ -163,13 +163,17 @@ def _claim_folder(out_dir: str, tokenizer_path: str | None) -> tuple[dict | None
         raise UserError(f"--out {out_dir} is a file, not a folder; choose a new or empty folder")
     state = Journal.load(out_dir)
     if state is not None:
-        return state, False
+        return state, []
     if not os.path.isdir(out_dir):
+        made, folder = [], os.path.abspath(out_dir)
+        while not os.path.exists(folder):  # out_dir and the parents it needs, so a failure removes them all
+            made.append(folder)
+            folder = os.path.dirname(folder)
         try:
             os.makedirs(out_dir)
         except OSError as e:
             raise UserError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
-        return None, True
+        return None, made
     given = os.path.realpath(tokenizer_path) if tokenizer_path else None
     others = sorted(f for f in os.listdir(out_dir) if not _JOURNAL_TEMP.fullmatch(f)
                     and os.path.realpath(os.path.join(out_dir, f)) != given)
@@ -180,7 +184,7 @@ def _claim_folder(out_dir: str, tokenizer_path: str | None) -> tuple[dict | None
     for f in os.listdir(out_dir):  # a journal write killed before the first journal existed
         if _JOURNAL_TEMP.fullmatch(f):
             _remove(os.path.join(out_dir, f))
-    return None, False
+    return None, []
 
 
 # ---------------------------------------------------------------- tokenising a chunk
@@ -795,9 +799,9 @@ def prepare(inputs: list[str], out_dir: str, cfg: DataConfig, tokenizer_path: st
             _remove(os.path.join(out_dir, f))
         if not given_in_place:
             _remove(tok_out)
-        if created:
+        for folder in created:  # deepest first; one the user filled meanwhile stays
             with contextlib.suppress(OSError):
-                os.rmdir(out_dir)
+                os.rmdir(folder)
         raise
     except KeyboardInterrupt:
         _say(progress, f"\nprepare interrupted; {out_dir} is unfinished: rerun the same command to resume")
