@@ -4,13 +4,14 @@ Same discovery and the same skip rules as `fastcram bench kernels`: GPU-only pro
 liger, quack; tests/test_peers.py checks the peers on the CPU where they run there)
 are skipped on the CPU, torch.compile is skipped on the CPU unless FASTCRAM_BENCH_COMPILE=1, and on the CPU
 a case whose roofline estimate exceeds CPU_CALL_LIMIT_S a call is skipped, so the folder runs in seconds.
+A peer whose output check disagrees with the reference is skipped with that reason, never timed.
 """
 import os
 
 import pytest
 import torch
 
-from fastcram.benchmarks.case import Unavailable
+from fastcram.benchmarks.case import Disagrees, Unavailable
 from fastcram.benchmarks.kernels import (Settings, collect_cases, is_compiled, is_gpu_only, skip_after_setup,
                                          skip_before_setup)
 
@@ -37,6 +38,8 @@ def test_kernel(benchmark, case, provider, ceilings, synced):
         fn = case.providers[provider]()
     except Unavailable as e:
         pytest.skip(f"unavailable: {e}")
+    except Disagrees as e:  # a peer whose output check failed: reported, never timed (as `bench kernels` does)
+        pytest.skip(f"disagrees: {e}")
     why = skip_after_setup(case, provider, SETTINGS, ceilings)
     if why:
         pytest.skip(why.removeprefix("skipped: "))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcram.benchmarks import cases_layer_norm, cases_mlm_loss, kernels, peer_check, peers, step
+from fastcram.benchmarks import cases_ffn, cases_layer_norm, cases_mlm_loss, kernels, peer_check, peers, step
 from fastcram.benchmarks.case import Case, Disagrees, rotating
 from fastcram.benchmarks.ceilings import Ceilings
 from fastcram.ops.ffn import ffn_ref
@@ -178,12 +178,18 @@ def test_a_disagreeing_peer_is_reported_and_never_timed():
 
 
 def test_best_peer_ratio_counts_only_timed_peers():
-    def row(provider, t, status="ok"):
-        return kernels.Row("ffn", provider, "fwd", "s", "bf16", status, time_ms=t, role=kernels.role(provider))
+    """Only peers timed after their output check agreed (or the eager reference itself) can be the best peer:
+    a faster peer row without a verdict does not count."""
+    agrees = "agrees (outputs and gradients; worst output 0 at 0.10 of its bound)"
+
+    def row(provider, t, status="ok", check=""):
+        return kernels.Row("ffn", provider, "fwd", "s", "bf16", status, time_ms=t, role=kernels.role(provider),
+                           check=check)
 
     rows = [row("triton", 2.0), row("triton(row_chunk=K/2)", 0.5), row("cuda", 0.1), row("torch", 4.0),
-            row("torch.compile", 3.0), row("liger", None, "disagrees: output 0"), row("quack", 2.5),
-            row("apex", None, "unavailable: apex runs on CUDA only")]
+            row("torch.compile", 3.0, check=agrees), row("liger", None, "disagrees: output 0", "disagrees"),
+            row("quack", 2.5, check=agrees), row("apex", None, "unavailable: apex runs on CUDA only"),
+            row("linear_cross_entropy", 1.0)]  # timed, but never checked
     kernels.add_speedups(rows)
     head = rows[0]
     assert (head.role, head.best_peer, head.vs_best_peer) == ("fastcram", "quack", pytest.approx(2.0 / 2.5))
@@ -193,6 +199,132 @@ def test_best_peer_ratio_counts_only_timed_peers():
         "fastcram", "own", "own", "peer", "peer", "peer"]
     table = kernels.table_cells(rows)
     assert table[0][10] == "0.80 (quack)"
+    only_reference = [row("triton", 2.0), row("torch", 4.0), row("torch.compile", 1.0)]  # the compile unchecked
+    kernels.add_speedups(only_reference)
+    assert (only_reference[0].best_peer, only_reference[0].vs_best_peer) == ("torch", pytest.approx(0.5))
+
+
+# ---------------------------------------------------------------- every peer is checked before it is timed
+
+CHECKED_PEERS = {"torch.compile", "torch.compile-max-autotune", "cublas+compiled-epilogue", "linear_cross_entropy",
+                 *PEERS}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_peer_but_the_reference_goes_through_the_output_check(monkeypatch, device):
+    """Every provider of every case that counts toward vs_best_peer (role "peer"), except the eager reference
+    it is checked against, sets up through peers.checked under its own name, before anything is built or
+    compiled (the stand-in check refuses, so nothing is allocated on a device this machine lacks)."""
+    calls = []
+
+    def refuse(name, key, make_peer, reference, make_inputs, grad):
+        calls.append(name)
+        raise peers.Unavailable("stand-in check")
+
+    monkeypatch.setattr(peers, "checked", refuse)
+    cases, _ = kernels.collect_cases(settings(device, quick=False))
+    assert {c.op for c in cases} == set(kernels.ALL_OPS)
+    seen = set()
+    for case in cases:
+        for provider in case.providers:
+            if kernels.role(provider) != "peer" or provider == kernels.REFERENCE:
+                continue
+            calls.clear()
+            with pytest.raises(peers.Unavailable, match="stand-in check"):
+                case.providers[provider]()
+            assert calls == [provider], (case.op, case.shape, provider)
+            seen.add(provider)
+    assert seen == CHECKED_PEERS
+
+
+def _lce_case(mode: str, monkeypatch):
+    monkeypatch.setattr(cases_mlm_loss, "V", 997)
+    monkeypatch.setattr(cases_mlm_loss, "D", 40)
+    return cases_mlm_loss._case(29, mode, "cpu", torch.float32)
+
+
+needs_lce = pytest.mark.skipif(getattr(torch.nn, "LinearCrossEntropyOptions", None) is None,
+                               reason=f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
+
+
+@needs_lce
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_linear_cross_entropy_is_checked_then_timed(monkeypatch, mode):
+    """PyTorch's chunked linear cross-entropy agrees with the reference on the CPU (fp32, odd sizes) and is timed
+    with its verdict in the row; with a wrong loss (labels off by one) it disagrees and is not timed; with a
+    wrong gradient (none for the rows) its forward still agrees, and fwd+bwd catches the gradient."""
+    real = F.linear_cross_entropy
+    run = settings("cpu", quick=False)
+    row = kernels.measure_provider(_lce_case(mode, monkeypatch), "linear_cross_entropy", run, CEIL, {})
+    assert row.status == "ok" and row.time_ms > 0, row.status
+    assert row.check.startswith("agrees (outputs and gradients" if mode == "fwd+bwd" else "agrees (outputs;")
+
+    def shifted(input, linear_weight, target, *, options=None):
+        return real(input, linear_weight, (target + 1) % linear_weight.shape[0], options=options)
+
+    def no_row_grad(input, linear_weight, target, *, options=None):
+        return real(input.detach(), linear_weight, target, options=options)
+
+    peer_check.forget()
+    monkeypatch.setattr(F, "linear_cross_entropy", shifted)
+    row = kernels.measure_provider(_lce_case(mode, monkeypatch), "linear_cross_entropy", run, CEIL, {})
+    assert row.status.startswith("disagrees: output 0: max error") and row.time_ms is None
+    assert row.check == "disagrees"
+
+    peer_check.forget()
+    monkeypatch.setattr(F, "linear_cross_entropy", no_row_grad)
+    row = kernels.measure_provider(_lce_case(mode, monkeypatch), "linear_cross_entropy", run, CEIL, {})
+    if mode == "fwd":
+        assert row.status == "ok" and row.check.startswith("agrees (outputs;")
+    else:
+        assert row.status.startswith("disagrees: grad of input 0: max error") and row.time_ms is None
+
+
+def _small_case(op: str, mode: str, monkeypatch) -> Case:
+    """One case of `op` at odd, CPU-sized shapes, built by its cases file."""
+    if op == "ffn":
+        monkeypatch.setattr(cases_ffn, "D_MODEL", 24)
+        monkeypatch.setattr(cases_ffn, "N_IN", 38)
+        return cases_ffn._case("geglu", 37, mode, "cpu", torch.float32)
+    if op == "mlm_loss":
+        return _lce_case(mode, monkeypatch)
+    return Case(op=op, mode=mode, shape="53x47", dtype="fp32", bound="memory", bytes=1, flops=1,
+                providers=cases_layer_norm.providers(op, mode, 53, 47, "cpu", torch.float32))
+
+
+COMPILED = [("layer_norm", "torch.compile"), ("add_layer_norm", "torch.compile"), ("ffn", "torch.compile"),
+            ("ffn", "cublas+compiled-epilogue"), ("mlm_loss", "torch.compile")]
+
+
+@pytest.mark.parametrize("op,provider", COMPILED)
+def test_compiled_peers_are_checked_then_timed(monkeypatch, op, provider):
+    """The compiled peers (inductor on the CPU, small odd shapes) agree with the reference, outputs and
+    gradients, and are timed with the verdict in their row."""
+    row = kernels.measure_provider(_small_case(op, "fwd+bwd", monkeypatch), provider,
+                                   settings("cpu", quick=False, compile=True), CEIL, {})
+    assert row.status == "ok" and row.time_ms > 0, row.status
+    assert row.check.startswith("agrees (outputs and gradients"), row.check
+
+
+def _off_by_a_little(out):
+    return tuple(o * 1.001 for o in out) if isinstance(out, (tuple, list)) else out * 1.001
+
+
+@pytest.mark.parametrize("op,provider", COMPILED)
+def test_a_wrong_compiled_peer_disagrees_and_is_not_timed(monkeypatch, op, provider):
+    """A compiler that returned a wrong function (outputs 0.1% off), or for cublas+compiled-epilogue a GLU
+    epilogue with its halves swapped, is reported as disagreeing, never timed, and is no best peer."""
+    if provider == "cublas+compiled-epilogue":
+        monkeypatch.setattr(cases_ffn, "_glu_epilogue", lambda h: F.gelu(h.chunk(2, dim=-1)[0]) * h.chunk(2, -1)[1])
+    else:
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda *a: _off_by_a_little(fn(*a))))
+    case = _small_case(op, "fwd", monkeypatch)
+    run = settings("cpu", quick=False, compile=True)
+    head = kernels.Row(op, "triton", "fwd", case.shape, "fp32", "ok", time_ms=1.0, role="fastcram")
+    tor, bad = (kernels.measure_provider(case, p, run, CEIL, {}) for p in ("torch", provider))
+    kernels.add_speedups([head, tor, bad])
+    assert bad.status.startswith("disagrees: output 0: max error") and bad.time_ms is None, bad.status
+    assert bad.check == "disagrees" and tor.status == "ok" and head.best_peer == "torch"
 
 
 # ---------------------------------------------------------------- Liger-Kernel on the CPU (interpreter)

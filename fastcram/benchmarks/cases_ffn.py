@@ -29,8 +29,13 @@ Providers:
   liger(gelu=tanh)          peer, GLU only: cuBLAS GEMMs for the a and gate halves, Liger-Kernel's GEGLU kernel,
                             the cuBLAS down projection (peers.py)
   apex(gelu=tanh)           peer, classic FFN only: apex's fused dense + GELU + dense, zero biases (peers.py)
-The two peers compute GELU's tanh approximation, not the exact erf: they are checked against the tanh form
-of the reference (peers.ffn_tanh_ref), outputs and gradients, before they are timed.
+Every provider that counts as a peer (kernels.add_speedups: all but triton) is checked against a reference
+on the case's inputs, outputs and gradients, before it is timed (peers.checked); one that disagrees is
+reported as such and never timed. cublas+compiled-epilogue and the torch.compile providers are checked against
+the unfused reference: inductor writes its own kernels, so compiling the reference does not make it the
+reference. The two library peers compute GELU's tanh approximation, not the exact erf: they are checked against
+the tanh form of the reference (peers.ffn_tanh_ref). "torch" is the reference itself and is not checked (it
+would be compared with itself).
 """
 from __future__ import annotations
 
@@ -62,30 +67,35 @@ def _compiled(fn, **kw):
     return torch.compile(fn, dynamic=False, **kw)
 
 
-def _provider_fns(kind: str) -> dict:
-    """Provider name -> maker of fn(x, w_in, w_out); a maker raises Unavailable when it cannot run."""
-    epilogue = _glu_epilogue if kind == "geglu" else _gelu_epilogue
+def _reference(kind: str):
+    return lambda x, w_in, w_out: ffn_op.ffn_ref(x, w_in, w_out, kind)
 
-    def ref(x, w_in, w_out):
-        return ffn_op.ffn_ref(x, w_in, w_out, kind)
+
+def _provider_fns(kind: str) -> dict:
+    """fastcram's op and the reference: name -> maker of fn(x, w_in, w_out), not output-checked (the op is
+    tested against the reference in tests/, and the reference is what the peers are checked against)."""
+    return {
+        "triton": lambda: (lambda x, w_in, w_out: ffn_op.ffn(x, w_in, w_out, kind)),
+        "torch": lambda: _reference(kind),
+    }
+
+
+def _peer_fns(kind: str, device: str) -> dict:
+    """Peer name -> (maker of fn(x, w_in, w_out), the reference it is checked against)."""
+    epilogue = _glu_epilogue if kind == "geglu" else _gelu_epilogue
 
     def cublas_compiled_epilogue():
         epi = _compiled(epilogue)
         return lambda x, w_in, w_out: F.linear(epi(F.linear(x, w_in)), w_out)
 
+    exact, tanh = _reference(kind), (lambda x, wi, wo: peers.ffn_tanh_ref(x, wi, wo, kind))
     return {
-        "triton": lambda: (lambda x, w_in, w_out: ffn_op.ffn(x, w_in, w_out, kind)),
-        "torch": lambda: ref,
-        "cublas+compiled-epilogue": cublas_compiled_epilogue,
-        "torch.compile": lambda: _compiled(ref),
-        "torch.compile-max-autotune": lambda: _compiled(ref, mode="max-autotune"),
+        "cublas+compiled-epilogue": (cublas_compiled_epilogue, exact),
+        "torch.compile": (lambda: _compiled(exact), exact),
+        "torch.compile-max-autotune": (lambda: _compiled(exact, mode="max-autotune"), exact),
+        f"liger({peers.TANH})": (lambda: peers.liger_ffn(kind, device), tanh),
+        f"apex({peers.TANH})": (lambda: peers.apex_ffn(kind, device), tanh),
     }
-
-
-def _peer_fns(kind: str, device: str) -> dict:
-    """Peer provider name -> maker of fn(x, w_in, w_out); both compute GELU's tanh approximation."""
-    return {f"liger({peers.TANH})": lambda: peers.liger_ffn(kind, device),
-            f"apex({peers.TANH})": lambda: peers.apex_ffn(kind, device)}
 
 
 def _inputs(m: int, d: int, n: int, f: int, device: str, dtype: torch.dtype):
@@ -111,14 +121,13 @@ def _timed_call(fn, mode: str, input_sets: list):
     return call
 
 
-def _peer_setup(name: str, maker, kind: str, mode: str, shape: tuple, device: str, dtype: torch.dtype):
-    """A peer, after its outputs and gradients matched the tanh reference on the case's inputs."""
+def _peer_setup(name: str, maker, reference, kind: str, mode: str, shape: tuple, device: str,
+                dtype: torch.dtype):
+    """A peer, after its outputs and gradients matched `reference` on the case's inputs."""
     def setup():
-        fn, verdict = peers.checked(name, (OP, kind, shape, str(dtype), device), maker,
-                                    lambda x, wi, wo: peers.ffn_tanh_ref(x, wi, wo, kind),
+        fn, verdict = peers.checked(name, (OP, kind, shape, str(dtype), device), maker, reference,
                                     lambda: list(_inputs(*shape, device, dtype)[:3]), grad=True)
-        input_sets = [_inputs(*shape, device, dtype) for _ in range(INPUT_SETS)]
-        return peers.with_check(_timed_call(fn, mode, input_sets), verdict)
+        return peers.with_check(_warmed_up(name, fn, mode, shape, device, dtype), verdict)
 
     return setup
 
@@ -130,18 +139,22 @@ def _setup(name: str, maker, mode: str, shape: tuple, device: str, dtype: torch.
                 raise Unavailable("triton is not installed")
             if torch.device(device).type != "cuda":
                 raise Unavailable("triton kernels are timed on a CUDA GPU only (the CPU interpreter is for tests)")
-        fn = maker()
-        input_sets = [_inputs(*shape, device, dtype) for _ in range(INPUT_SETS)]
-        if "compile" not in name:
-            return _timed_call(fn, mode, input_sets)
-        try:  # the warm-up compiles; a compiler failure is this provider's row, not the whole run's
-            return _timed_call(fn, mode, input_sets)
-        except Unavailable:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise Unavailable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}") from e
+        return _warmed_up(name, maker(), mode, shape, device, dtype)
 
     return setup
+
+
+def _warmed_up(name: str, fn, mode: str, shape: tuple, device: str, dtype: torch.dtype):
+    """The timed call on fresh input sets; a compiler failure in the warm-up is this provider's row."""
+    input_sets = [_inputs(*shape, device, dtype) for _ in range(INPUT_SETS)]
+    if "compile" not in name:
+        return _timed_call(fn, mode, input_sets)
+    try:
+        return _timed_call(fn, mode, input_sets)
+    except Unavailable:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise Unavailable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}") from e
 
 
 def fwd_bytes(m: int, d: int, n: int, f: int, elt: int) -> int:
@@ -160,22 +173,20 @@ def unfused_dy_bytes(m: int, f: int, elt: int) -> int:
 def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
     # CPU: a smoke-sized M, so the torch providers run in seconds (CPU figures say nothing about a GPU)
     tokens = (256,) if device == "cpu" else (TOKENS[:1] if quick else TOKENS)
+    return [_case(kind, m, mode, device, dtype) for kind in ("geglu", "gelu") for m in tokens for mode in MODES]
+
+
+def _case(kind: str, m: int, mode: str, device: str, dtype: torch.dtype) -> Case:
+    f = N_IN // 2 if kind == "geglu" else N_IN
+    shape = (m, D_MODEL, N_IN, f)
     elt = torch.empty((), dtype=dtype).element_size()
-    out = []
-    for kind in ("geglu", "gelu"):
-        f = N_IN // 2 if kind == "geglu" else N_IN
-        for m in tokens:
-            shape = (m, D_MODEL, N_IN, f)
-            fwd_flops = 2 * m * D_MODEL * (N_IN + f)
-            for mode in MODES:
-                nbytes = {"fwd": fwd_bytes(*shape, elt), "bwd": bwd_bytes(*shape, elt),
-                          "fwd+bwd": fwd_bytes(*shape, elt) + bwd_bytes(*shape, elt)}[mode]
-                case = Case(op=OP, mode=mode, shape=f"{kind}:{m}x{D_MODEL}x{N_IN}x{f}",
-                            dtype=DTYPE_NAMES.get(dtype, str(dtype)), bound="compute", bytes=nbytes,
-                            flops=fwd_flops * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode])
-                for name, maker in _provider_fns(kind).items():
-                    case.providers[name] = _setup(name, maker, mode, shape, device, dtype)
-                for name, maker in _peer_fns(kind, device).items():
-                    case.providers[name] = _peer_setup(name, maker, kind, mode, shape, device, dtype)
-                out.append(case)
-    return out
+    fwd_flops = 2 * m * D_MODEL * (N_IN + f)
+    nbytes = {"fwd": fwd_bytes(*shape, elt), "bwd": bwd_bytes(*shape, elt),
+              "fwd+bwd": fwd_bytes(*shape, elt) + bwd_bytes(*shape, elt)}[mode]
+    case = Case(op=OP, mode=mode, shape=f"{kind}:{m}x{D_MODEL}x{N_IN}x{f}", dtype=DTYPE_NAMES.get(dtype, str(dtype)),
+                bound="compute", bytes=nbytes, flops=fwd_flops * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode])
+    for name, maker in _provider_fns(kind).items():
+        case.providers[name] = _setup(name, maker, mode, shape, device, dtype)
+    for name, (maker, reference) in _peer_fns(kind, device).items():
+        case.providers[name] = _peer_setup(name, maker, reference, kind, mode, shape, device, dtype)
+    return case

@@ -2,9 +2,13 @@
 
 Providers: "triton" (fastcram.ops.layer_norm), "torch" (the eager reference), "torch.compile" (the compiled
 reference), "cuda" (the native kernels through fastcram.ops.native, called directly: no autograd), and the
-peers, each checked against the reference on the case's inputs before it is timed (peers.py): "apex"
-(apex's fused_layer_norm_affine), "liger" (Liger-Kernel's LayerNorm), "quack" (QuACK's LayerNorm); for
-add_layer_norm each is an eager add followed by its LayerNorm (none of them fuses the residual add).
+peers: "apex" (apex's fused_layer_norm_affine), "liger" (Liger-Kernel's LayerNorm), "quack" (QuACK's
+LayerNorm); for add_layer_norm each is an eager add followed by its LayerNorm (none of them fuses the
+residual add). Every provider that counts as a peer (kernels.add_speedups: all but triton and cuda) is
+checked against the reference on the case's inputs, outputs and gradients, before it is timed (peers.py):
+the libraries and torch.compile (inductor writes its own kernels, so compiling the reference does not make
+it the reference); one that disagrees is reported as such and never timed. "torch" is the reference itself
+and is not checked (it would be compared with itself).
 fwd is the training forward (inputs require grad, statistics saved); bwd times the backward alone on a
 retained graph (for add_layer_norm with gradients arriving for both s and y, as in the model); fwd+bwd
 does both. Activations, weight and bias all take the case dtype (apex wants them alike).
@@ -66,7 +70,8 @@ def providers(op, mode, rows, n, device, dtype) -> dict[str, Callable[[], Callab
     return {
         "triton": lambda: autograd_bench(triton_fn(op, device), *shape),
         "torch": lambda: autograd_bench(ref_fn(op), *shape),
-        "torch.compile": lambda: autograd_bench(torch.compile(ref_fn(op), dynamic=False), *shape),
+        "torch.compile": lambda: peer_bench("torch.compile", lambda: torch.compile(ref_fn(op), dynamic=False),
+                                            *shape),
         "cuda": lambda: native_bench(*shape),
         "apex": lambda: peer_bench("apex", lambda: apex_fn(op, n, device), *shape),
         "liger": lambda: peer_bench("liger", lambda: peers.liger_layer_norm(op, device), *shape),

@@ -15,8 +15,10 @@ Providers, side by side:
   linear_cross_entropy        PyTorch's own chunked F.linear_cross_entropy, where the installed torch has it
   liger                       peer: Liger-Kernel's fused linear cross-entropy, eager (peers.py)
   quack                       peer: QuACK's chunked linear cross-entropy (peers.py)
-The peers are checked against the reference on the case's inputs (loss, and in fwd+bwd both gradients)
-before they are timed.
+Every provider that counts as a peer (kernels.add_speedups: all but fastcram's triton rows) is checked against
+the reference on the case's inputs (loss, and in fwd+bwd both gradients) before it is timed: torch.compile
+(inductor writes its own kernels), linear_cross_entropy, liger and quack; one that disagrees is reported as
+such and never timed. "torch" is the reference itself and is not checked (it would be compared with itself).
 Each setup allocates only the inputs (two rotated sets, so the 48 MiB weight is not served from L2), so the
 runner's peak memory is the op's own extra memory plus its outputs. The fwd+bwd mode returns the gradients
 from torch.autograd.grad instead of accumulating them into .grad, so nothing outlives a call.
@@ -63,14 +65,18 @@ def _case(k: int, mode: str, device: str, dtype: torch.dtype) -> Case:
     providers.update({
         "triton(previous design)": setup(lambda: _previous_design(device, dtype)),
         "torch": setup(_reference),
-        "torch.compile": setup(_compiled_reference),
-        "linear_cross_entropy": setup(_linear_cross_entropy),
-        "liger": _peer_setup("liger", lambda: peers.liger_mlm_loss(device), k, device, dtype, backward),
-        "quack": _peer_setup("quack", lambda: peers.quack_mlm_loss(device), k, device, dtype, backward),
     })
+    for name, make_fn in _peer_fns(device).items():
+        providers[name] = _peer_setup(name, make_fn, k, device, dtype, backward)
     return Case(op="mlm_loss", mode=mode, shape=f"K={k},N={n},D={D},V={V}", dtype=DTYPE_NAMES[dtype],
                 bound="compute", bytes=2 * read + grads if backward else read,
                 flops=(3 if backward else 1) * 2 * k * D * V, providers=providers)
+
+
+def _peer_fns(device: str) -> dict:
+    """Peer name -> maker of fn(rows, labels, weight) -> loss; each is checked against mlm_loss_ref."""
+    return {"torch.compile": _compiled_reference, "linear_cross_entropy": _linear_cross_entropy,
+            "liger": lambda: peers.liger_mlm_loss(device), "quack": lambda: peers.quack_mlm_loss(device)}
 
 
 def _inputs(k: int, device: str, dtype: torch.dtype, backward: bool) -> tuple:

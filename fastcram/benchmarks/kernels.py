@@ -7,8 +7,10 @@ A provider that cannot run here stays in the table as "unavailable: <reason>"; a
 from the reference on the case's inputs stays as "disagrees: <what>" and is not timed; nothing is dropped
 silently. Each case's fastcram row (the "triton" provider) gets its time as a ratio to the fastest peer timed
 in the same run (`vs_best_peer`, below 1 when fastcram is faster; peers: every provider that is not fastcram's
-own, so torch, torch.compile and the libraries). Rows are appended to the CSV case by case, so a run stopped
-half-way still leaves the cases it finished.
+own, so torch, torch.compile and the libraries). A peer counts there only if its output check agreed (the
+cases files check every peer but "torch", the eager reference the others are checked against), so a fast
+peer that was never checked cannot become the best one. Rows are appended to the CSV case by case, so a run
+stopped half-way still leaves the cases it finished.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ ALL_OPS = tuple(op for ops in CASE_MODULES.values() for op in ops)
 GPU_ONLY_PROVIDERS = ("triton", "cuda", "apex", "liger", "quack")  # never timed on the CPU (nor "triton(...)")
 FASTCRAM = "triton"  # the provider that is fastcram's op as training runs it
 OWN = ("triton", "cuda")  # fastcram's own providers and their variants ("triton(...)"): not peers
+REFERENCE = "torch"  # the eager reference: the yardstick of the other peers' output checks, so not checked
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 # The CSV columns, in order (DESIGN.md "Benchmarks": op, provider, mode, shape, dtype, time, GB/s or TFLOP/s,
@@ -277,13 +280,18 @@ def add_speedups(rows: list[Row]) -> None:
     for r in rows:
         if base and r.time_ms:
             r.speedup_vs_torch = base / r.time_ms
-    timed_peers = [r for r in rows if r.role == "peer" and r.status == "ok" and r.time_ms]
-    best = min(timed_peers, key=lambda r: r.time_ms, default=None)
+    best = min((r for r in rows if counts_as_peer(r)), key=lambda r: r.time_ms, default=None)
     for r in rows:
         if r.role == "fastcram" and best is not None:
             r.best_peer = best.provider
             if r.time_ms:
                 r.vs_best_peer = r.time_ms / best.time_ms
+
+
+def counts_as_peer(r: Row) -> bool:
+    """A timed peer fastcram may be compared with: the reference itself, or one whose output check agreed."""
+    checked = r.provider == REFERENCE or r.check.startswith("agrees")
+    return r.role == "peer" and r.status == "ok" and bool(r.time_ms) and checked
 
 
 # ---------------------------------------------------------------- the run
