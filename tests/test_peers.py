@@ -148,6 +148,29 @@ def test_check_catches_a_wrong_gradient_and_a_wrong_shape():
         peer_check.compare(lambda x, w, b: (ref(x, w, b)[0] * float("nan"),), ref, inputs, grad=False)
 
 
+def test_gradients_far_below_one_are_not_passed_by_zeros():
+    """The MLM loss's gradients are ~1e-4: an allowance of 2e-3 x max(1, |ref|) in bf16 would pass a peer that
+    returns zeros. The bound is at most half the tensor's own size (unless PyTorch's own error is larger)."""
+    class ZeroGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, rows, labels, weight):
+            ctx.shapes = rows.shape, weight.shape
+            return mlm_loss_ref(rows, labels, weight)
+
+        @staticmethod
+        def backward(ctx, dloss):
+            rows_shape, weight_shape = ctx.shapes
+            return dloss.new_zeros(rows_shape), None, dloss.new_zeros(weight_shape)
+
+    rows = torch.randn(257, 48, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1031, (257,))
+    weight = (0.02 * torch.randn(1031, 48, dtype=torch.bfloat16)).requires_grad_()
+    inputs = [rows, labels, weight]
+    with pytest.raises(Disagrees, match="grad of input 0"):
+        peer_check.compare(ZeroGrad.apply, mlm_loss_ref, inputs, grad=True)
+    assert peer_check.compare(mlm_loss_ref, mlm_loss_ref, inputs, grad=True).startswith("agrees")
+
+
 def test_a_disagreeing_peer_is_reported_and_never_timed():
     """The runner: a peer whose check fails gets a "disagrees" row with no time, and is no best peer."""
     rows_n, n = 61, 29

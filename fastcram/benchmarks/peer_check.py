@@ -79,11 +79,17 @@ def compare(peer: Callable, reference: Callable, inputs: Sequence, grad: bool) -
         w = w.double()
         scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
         err = float((g.double() - w).abs().max()) if w.numel() else 0.0
-        bound = 2 * float((o.double() - w).abs().max()) + atol * scale
+        own_err = float((o.double() - w).abs().max()) if w.numel() else 0.0
+        bound = 2 * own_err + atol * scale
+        # A tensor far below 1 (a loss gradient: ~1e-4) gets an absolute allowance larger than itself, which
+        # zeros would pass: an error of half its own size is wrong whatever the dtype, unless PyTorch's own is.
+        magnitude = float(w.abs().max()) if w.numel() else 0.0
+        if magnitude > 0:
+            bound = min(bound, max(0.5 * magnitude, 2 * own_err))
         if not err <= bound:  # NaN fails too
             raise Disagrees(f"{name}: max error {err:.3g} against the {str(high).split('.')[-1]} reference, "
                             f"over the bound {bound:.3g} (2x PyTorch's own {str(dtype).split('.')[-1]} error "
-                            f"+ {atol:g} x {scale:.3g})")
+                            f"+ {atol:g} x {scale:.3g}, at most half the reference's largest value)")
         if err / bound > worst_ratio or not worst:
             worst, worst_ratio = name, err / bound
     return f"agrees ({'outputs and gradients' if grad else 'outputs'}; worst {worst} at {worst_ratio:.2f} of its bound)"
