@@ -305,6 +305,17 @@ def sha256_stream(f) -> str:
     return h.hexdigest()
 
 
+def free_bytes(folder: str) -> int | None:
+    """Bytes this process may still write in folder's filesystem (root may use the reserved blocks too), or
+    None when it cannot be told."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
+        return None
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
+
+
 def inside(folder: str, name) -> str:
     """folder/name, for a file name read from one of fastcram's records (a manifest, a journal): the name must be
     a relative path that stays inside folder, also after links are followed. ValueError otherwise."""

@@ -483,6 +483,35 @@ class AsyncCheckpointer:
         return done
 
 
+# ---------------------------------------------------------------- room for checkpoints
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About the size of one checkpoint of this model: its weights and AdamW's two moments (fp32, as the
+    parameters), plus 1 MiB for the counters, RNG states and the config."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * weights + (1 << 20)
+
+
+def check_room(run_dir: str, model: torch.nn.Module, keep: int, say: Callable[[str], None]) -> None:
+    """Before training: a folder without room for one checkpoint would train for nothing (CheckpointError,
+    exit 2); one without room for the checkpoints kept at once (--keep-checkpoints, final.pt and the one being
+    written) is said."""
+    one = checkpoint_bytes(model)
+    folder = os.path.join(run_dir, CKPT_DIR) if os.path.isdir(os.path.join(run_dir, CKPT_DIR)) else run_dir
+    free = files.free_bytes(folder)
+    if free is None:
+        return
+    if free < one:
+        raise CheckpointError(f"{folder} has {free / 2**20:.1f} MiB free but one checkpoint of this model needs "
+                              f"about {one / 2**20:.1f} MiB: the run could save nothing; free space there or "
+                              f"choose another --out")
+    want = one * (max(keep, 1) + 2)
+    if free < want:
+        say(f"fastcram: warning: {folder} has {free / 2**20:.1f} MiB free; keeping {keep} checkpoint(s), final.pt "
+            f"and the one being written takes about {want / 2**20:.1f} MiB: free space there or lower "
+            f"--keep-checkpoints")
+
+
 # ---------------------------------------------------------------- restoring a run
 
 @dataclass
