@@ -3,7 +3,8 @@
 The model calls only the four functions of an `Ops` bundle. `get_ops("torch")` returns the reference
 implementations; `get_ops("triton")` returns the fused Triton kernels, except for the ops named in
 `disable`, which stay on the reference. `per_op` picks a backend op by op; the two norm ops also have a
-"cuda" backend, the native kernels built by CMake from kernels/.
+"cuda" backend, the native kernels built by CMake from kernels/ (native.py loads them, native_norm.py wraps them).
+Imports only config, errors and files: never model, data, observe, train, glue, benchmarks, export or cli.
 """
 from __future__ import annotations
 

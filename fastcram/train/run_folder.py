@@ -1,5 +1,5 @@
-"""The run folder: created for a new run or reopened for a resume, its saved configuration, and the
-checkpoint a resume starts from."""
+"""The run folder: created for a new run or reopened for a resume, its saved configuration, the checkpoint a
+resume starts from, and the files a run writes there as it goes (run log, telemetry, profiler window)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +9,14 @@ import os
 import time
 from typing import Callable
 
-from ..config import PRESETS, DataConfig, RunOptions, TrainConfig, from_dict
+from ..config import PRESETS, DataConfig, ModelConfig, RunOptions, TrainConfig, from_dict, to_dict
 from ..errors import UserError
 from ..files import WriteError, atomic_write_json, check_output_dir
+from ..observe.profiling import ProfileWindow, parse_window
+from ..observe.runlog import NullLog, RunLog
+from ..observe.telemetry import TelemetrySampler
 from . import checkpoint as ckpt
+from .distributed import DistContext
 
 CONFIG = "config.json"
 
@@ -154,3 +158,48 @@ def open_checkpoint(run_dir: str, say: Callable[[str], None], trust: bool = Fals
         return ckpt.load_checkpoint(run_dir, trust=trust, say=say, require=ckpt.TRAINING_KEYS)
     except ckpt.CheckpointError as e:
         raise UserError(f"--resume {run_dir}: {e}") from None
+
+
+def open_run_folder(opts: RunOptions, main: bool, say: Callable[[str], None]) -> tuple[str, dict | None, RunOptions]:
+    """(run folder, the checkpoint a resume starts from, the run's options): a new run's folder, or a resumed
+    run's, whose saved configuration (config.json, or the checkpoint's copy of it when config.json is damaged)
+    wins over the command line (restore_options). The checkpoint is None for a new run and for a resumed run
+    that stopped before its first one."""
+    run_dir, resuming = open_run(opts, check_existing=main)
+    if not resuming:
+        return run_dir, None, opts
+    resumed = open_checkpoint(run_dir, say, opts.trust_checkpoint)
+    opts = restore_options(opts, saved_config(run_dir, resumed, say))
+    if resumed is None:
+        say(f"fastcram: {run_dir} has no checkpoint yet (it stopped before its first one): starting it again from "
+            f"step 0 with its saved configuration")
+    return run_dir, resumed, opts
+
+
+def run_config(opts: RunOptions, data_dir: str, model_cfg: ModelConfig, world_size: int) -> dict:
+    """The configuration config.json and every checkpoint hold (what saved_config and restore_options read)."""
+    return {"preset": opts.preset, "data_dir": os.path.abspath(data_dir), "model": to_dict(model_cfg),
+            "train": to_dict(opts.train), "data": to_dict(opts.data), "world_size": world_size}
+
+
+def write_config(run_dir: str, config: dict) -> None:
+    atomic_write_json(os.path.join(run_dir, CONFIG), config)
+
+
+def open_log(run_dir: str, main: bool, warn: Callable[[str], None]) -> RunLog | NullLog:
+    """The run log, log.jsonl (rank 0 writes it)."""
+    return RunLog(os.path.join(run_dir, "log.jsonl"), warn=warn) if main else NullLog()
+
+
+def open_watchers(run_dir: str, tcfg: TrainConfig, ctx: DistContext, device: str,
+                  quiet: bool) -> tuple[ProfileWindow | None, TelemetrySampler]:
+    """The profiler window of --profile-steps (rank 0) and the telemetry sampler, started (every rank samples
+    its own GPU into its own file)."""
+    profiler = None
+    if tcfg.profile_steps and ctx.is_main:
+        a, b = parse_window(tcfg.profile_steps)
+        profiler = ProfileWindow(os.path.join(run_dir, "profile"), a, b, device)
+    tel_name = "telemetry.jsonl" if not ctx.enabled else f"telemetry-rank{ctx.rank}.jsonl"
+    telemetry = TelemetrySampler(os.path.join(run_dir, tel_name), tcfg.telemetry_interval_s,
+                                 device_index=ctx.local_rank if device.startswith("cuda") else 0, quiet=quiet).start()
+    return profiler, telemetry
