@@ -257,6 +257,27 @@ def test_tokenizer_train_on_an_empty_file_writes_nothing(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["empty.txt"]
 
 
+def test_a_run_that_never_starts_leaves_no_folder_of_its_own(tmp_path, capsys):
+    """Bad data found after the run folder was made: the folder train made goes again; one the user made stays."""
+    base = ["train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--device", "cpu", "--no-compile",
+            "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "new")]) == 2
+    assert "nowhere" in error_line(capsys) and not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert main(base + ["--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_little_room_for_checkpoints_is_said_before_training(small_data, small_disk, capsys):
+    disk = small_disk(12 << 20)  # one checkpoint of the test model (~5.5 MiB) fits, four do not
+    if disk.kind != "tmpfs":
+        pytest.skip("statvfs sees the real disk where the small one is only simulated")
+    assert main(["train", "--preset", "tiny", "--data", small_data, "--out", os.path.join(disk.root, "run"),
+                 "--device", "cpu", "--no-compile", "--max-steps", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "MiB free; keeping 2 checkpoint(s), final.pt and the one being written takes about" in err
+
+
 def test_flags_a_resumed_run_ignores_are_named(small_data, tmp_path, capsys):
     run = str(tmp_path / "run")
     base = ["--device", "cpu", "--no-compile", "--quiet"]

@@ -492,21 +492,23 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return 3 * weights + (1 << 20)
 
 
-def check_room(run_dir: str, model: torch.nn.Module, keep: int, say: Callable[[str], None]) -> None:
-    """Before training: a folder without room for one checkpoint would train for nothing (CheckpointError,
-    exit 2); one without room for the checkpoints kept at once (--keep-checkpoints, final.pt and the one being
-    written) is said."""
+def check_room(run_dir: str, model: torch.nn.Module, keep: int, unsaved_limit: float,
+               say: Callable[[str], None]) -> None:
+    """Before training: says when the run folder's disk has no room for one checkpoint (the run would go on and
+    stop at the unsaved-budget limit having saved nothing: space may still be freed meanwhile), or for the
+    checkpoints kept at once (--keep-checkpoints, final.pt and the one being written)."""
     one = checkpoint_bytes(model)
     folder = os.path.join(run_dir, CKPT_DIR) if os.path.isdir(os.path.join(run_dir, CKPT_DIR)) else run_dir
     free = files.free_bytes(folder)
     if free is None:
         return
-    if free < one:
-        raise CheckpointError(f"{folder} has {free / 2**20:.1f} MiB free but one checkpoint of this model needs "
-                              f"about {one / 2**20:.1f} MiB: the run could save nothing; free space there or "
-                              f"choose another --out")
     want = one * (max(keep, 1) + 2)
-    if free < want:
+    if free < one:
+        say(f"fastcram: warning: {folder} has {free / 2**20:.1f} MiB free but one checkpoint of this model needs "
+            f"about {one / 2**20:.1f} MiB: unless space is freed, the run saves nothing and stops once "
+            f"{100 * unsaved_limit:g}% of the budget is unsaved; free space there or stop it and choose another "
+            f"--out")
+    elif free < want:
         say(f"fastcram: warning: {folder} has {free / 2**20:.1f} MiB free; keeping {keep} checkpoint(s), final.pt "
             f"and the one being written takes about {want / 2**20:.1f} MiB: free space there or lower "
             f"--keep-checkpoints")

@@ -10,6 +10,7 @@ summary and the progress lines in observe/runlog.py.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -60,18 +61,28 @@ class Training:
 
     def __init__(self, opts: RunOptions, ctx: DistContext, now: Callable[[], float], caches: dict | None = None):
         self.ctx, self.now, self.main, self.opts, self.caches = ctx, now, ctx.is_main, opts, caches or {}
+        made_here = not (opts.resume or (opts.out_dir and os.path.isdir(opts.out_dir)))
         self.run_dir, self.resumed, self.opts = open_run_folder(opts, self.main, self.warn)
-        self.tcfg = self.opts.train
-        check_options(self.tcfg)
-        check_cache_folder(self.tcfg, self.resumed is not None, self.caches, self.main)
-        self.device = run_device(self.tcfg, ctx)
-        self.model_cfg, self.data_dir, self.data = open_data(self.opts, self.resumed, ctx)  # tokenizer + data
-        self.spent = spent = self.resumed["elapsed_s"] if self.resumed else 0.0
-        self.clock = BudgetClock(self.tcfg.budget_s, spent, now=now)  # runs while the model is built and compiled
-        if self.clock.done():
-            raise UserError(f"the budget ({self.tcfg.budget_s:.0f} s) is already spent ({spent:.0f} s); "
-                            f"pass a larger --hours/--minutes to continue")
-        self._build_model()
+        try:
+            self.tcfg = self.opts.train
+            check_options(self.tcfg)
+            check_cache_folder(self.tcfg, self.resumed is not None, self.caches, self.main)
+            self.device = run_device(self.tcfg, ctx)
+            self.model_cfg, self.data_dir, self.data = open_data(self.opts, self.resumed, ctx)  # tokenizer + data
+            self.spent = spent = self.resumed["elapsed_s"] if self.resumed else 0.0
+            self.clock = BudgetClock(self.tcfg.budget_s, spent, now=now)  # runs while the model is built
+            if self.clock.done():
+                raise UserError(f"the budget ({self.tcfg.budget_s:.0f} s) is already spent ({spent:.0f} s); "
+                                f"pass a larger --hours/--minutes to continue")
+            self._build_model()
+            if self.main:  # a folder without room for one checkpoint would train for nothing
+                ckpt.check_room(self.run_dir, self.model, self.tcfg.keep_checkpoints, self.tcfg.unsaved_limit,
+                                self.warn)
+        except UserError:
+            if made_here and self.main:  # a new run that never started leaves no empty folder of its own
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.run_dir)
+            raise
         self._open_outputs()
 
     def say(self, msg: str) -> None:
