@@ -47,8 +47,9 @@ def train(opts: RunOptions, now: Callable[[], float] = time.monotonic) -> dict:
     ctx = init_from_env("cuda" if resolve_device(tcfg.device).startswith("cuda") else "cpu")
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        with compile_caches() as caches:  # inductor's and Triton's compile caches in the cache folder
-            return Training(opts, ctx, now, caches).run()
+        # the compile caches in the cache folder; SIGTERM/SIGINT as a request to stop, from the start
+        with compile_caches() as caches, StopRequest() as stop:
+            return Training(opts, ctx, now, caches).run(stop)
     finally:
         if torch.are_deterministic_algorithms_enabled() != deterministic_before:  # (the call imports inductor:
             torch.use_deterministic_algorithms(deterministic_before)  # not after a Ctrl-C cut an import short)
@@ -156,17 +157,17 @@ class Training:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self) -> dict:
+    def run(self, stop: StopRequest) -> dict:
         self._start_loop()
-        with StopRequest() as stop:
-            try:
-                stopped_by = self._loop(stop)
-            finally:
-                if self.sync_debug:
-                    torch.cuda.set_sync_debug_mode("default")
-                self.loader.close()
-                self.telemetry.stop()
-                self.saves.wait()
+        stop.loop_started = True  # from here a signal finishes the step in flight, saves and stops
+        try:
+            stopped_by = self._loop(stop)
+        finally:
+            if self.sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
+            self.loader.close()
+            self.telemetry.stop()
+            self.saves.wait()
         if stopped_by in ("SIGTERM", "SIGINT"):
             return self._stop_on_signal(stopped_by)
         if stopped_by == "bad-data":

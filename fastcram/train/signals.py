@@ -6,10 +6,15 @@ import signal
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes the current step, saves and exits."""
+    """SIGTERM/SIGINT set a flag; the loop finishes the current step, saves and exits.
+
+    Entered before the run is set up: until the loop starts, Ctrl-C also quits at once (KeyboardInterrupt, as
+    before any handler), and the flag stays set, so an interrupt that lands where Python drops the exception
+    (a finalizer run by the garbage collector during an import) still stops the run at its first step."""
 
     def __init__(self):
         self.signal: int | None = None
+        self.loop_started = False
         self._old = {}
 
     def __enter__(self):
@@ -19,6 +24,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        if signum == signal.SIGINT and not self.loop_started:
+            raise KeyboardInterrupt
 
     def name(self) -> str:
         """The signal's name; SIGTERM when another rank was signalled and this one was not."""
