@@ -9,8 +9,9 @@ class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop finishes the current step, saves and exits.
 
     Entered before the run is set up: until the loop starts, Ctrl-C also quits at once (KeyboardInterrupt, as
-    before any handler), and the flag stays set, so an interrupt that lands where Python drops the exception
-    (a finalizer run by the garbage collector during an import) still stops the run at its first step."""
+    before any handler), and the flag stays set, so an interrupt whose exception never arrives (seen while
+    torch imported its compiler modules with the garbage collector running: the run then trained its whole
+    budget) still stops the run at its first step."""
 
     def __init__(self):
         self.signal: int | None = None
