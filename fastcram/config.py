@@ -161,40 +161,31 @@ class RunOptions:
 
 # ---------------------------------------------------------------- flag values
 
-def positive_int(flag: str):
-    def parse(s: str) -> int:
+def _flag_number(flag: str, cast, kind: str, ok, rule: str):
+    """An argparse type: `cast` of the text (else "{flag} needs {kind}"), kept when ok(value) (else "{flag}
+    {rule}"); both messages quote what was given."""
+    def parse(s: str):
         try:
-            v = int(s)
+            v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {s}")
+            raise argparse.ArgumentTypeError(f"{flag} needs {kind}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{flag} {rule}, got {s}")
         return v
     return parse
+
+
+def positive_int(flag: str):
+    return _flag_number(flag, int, "a whole number", lambda v: v > 0, "must be positive")
 
 
 def positive_float(flag: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a number, got {s!r}") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite positive number, got {s}")
-        return v
-    return parse
+    return _flag_number(flag, float, "a number", lambda v: v > 0 and math.isfinite(v),
+                        "must be a finite positive number")
 
 
 def non_negative_int(flag: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be 0 or more, got {s}")
-        return v
-    return parse
+    return _flag_number(flag, int, "a whole number", lambda v: v >= 0, "must be 0 or more")
 
 
 def eval_every(s: str) -> tuple[str, float]:

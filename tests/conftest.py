@@ -64,3 +64,20 @@ def heldout_data(tmp_path_factory) -> str:
     prepare([src], out, DataConfig(vocab_size=512, shard_blocks=256, compression_threshold=0.6), progress=False,
             options=PrepareOptions(holdout_rate=0.25, holdout_max_docs=None))
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(small_data, tmp_path_factory) -> str:
+    """A tiny run on the small corpus with step-00000000.pt ... step-00000003.pt and final.pt (step 4); tests
+    spoil copies of it, never the run itself."""
+    from fastcram.config import RunOptions, TrainConfig, preset
+    from fastcram.train.loop import train
+
+    from .helpers import FakeClock
+
+    tcfg = TrainConfig(**{**preset("tiny").train_overrides, "compile": False, "device": "cpu", "micro_batch": 8,
+                          "final_batch": 8, "log_interval_s": 0.0, "budget_s": 1e6, "max_steps": 4,
+                          "checkpoint_interval_s": 1.0, "keep_checkpoints": 10})
+    out = str(tmp_path_factory.mktemp("checkpointed") / "run")
+    train(RunOptions(train=tcfg, preset="tiny", data_dir=small_data, out_dir=out, progress=False), now=FakeClock(1.0))
+    return out

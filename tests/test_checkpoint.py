@@ -11,30 +11,15 @@ import pytest
 import torch
 
 from fastcram.cli import main
-from fastcram.config import RunOptions, TrainConfig, preset
 from fastcram.files import sha256_file
 from fastcram.glue.finetune import load_run
 from fastcram.train import checkpoint as ckpt
-from fastcram.train.loop import train
-
-from .helpers import FakeClock
-
-
-@pytest.fixture(scope="module")
-def trained(small_data, tmp_path_factory) -> str:
-    """A tiny run with step-00000000.pt ... step-00000003.pt and final.pt (step 4)."""
-    tcfg = TrainConfig(**{**preset("tiny").train_overrides, "compile": False, "device": "cpu", "micro_batch": 8,
-                          "final_batch": 8, "log_interval_s": 0.0, "budget_s": 1e6, "max_steps": 4,
-                          "checkpoint_interval_s": 1.0, "keep_checkpoints": 10})
-    out = str(tmp_path_factory.mktemp("ckpt") / "run")
-    train(RunOptions(train=tcfg, preset="tiny", data_dir=small_data, out_dir=out, progress=False), now=FakeClock(1.0))
-    return out
 
 
 @pytest.fixture
-def run(trained, tmp_path) -> str:
+def run(checkpointed_run, tmp_path) -> str:
     """A copy of the trained run to spoil."""
-    return shutil.copytree(trained, str(tmp_path / "run"))
+    return shutil.copytree(checkpointed_run, str(tmp_path / "run"))
 
 
 def final(run: str) -> str:
@@ -63,7 +48,8 @@ def rewrite_record(path: str) -> None:
 
 # ---------------------------------------------------------------- the format
 
-def test_a_checkpoint_is_plain_values_with_its_record(trained):
+def test_a_checkpoint_is_plain_values_with_its_record(checkpointed_run):
+    trained = checkpointed_run
     path = final(trained)
     payload = torch.load(path, map_location="cpu", weights_only=True)  # the stock safe loader reads it whole
     rec = json.load(open(ckpt.record_path(path)))

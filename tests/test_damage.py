@@ -27,17 +27,9 @@ def _opts(data, out, **kw) -> RunOptions:
     return RunOptions(train=tcfg, preset="tiny", data_dir=data, out_dir=str(out), progress=False)
 
 
-@pytest.fixture(scope="module")
-def trained(small_data, tmp_path_factory) -> str:
-    """A run with step-00000000.pt ... step-00000003.pt and final.pt (step 4)."""
-    out = str(tmp_path_factory.mktemp("damage") / "run")
-    train(_opts(small_data, out, max_steps=4, checkpoint_interval_s=1.0, keep_checkpoints=10), now=FakeClock(1.0))
-    return out
-
-
 @pytest.fixture
-def run(trained, tmp_path) -> str:
-    return shutil.copytree(trained, str(tmp_path / "run"))
+def run(checkpointed_run, tmp_path) -> str:
+    return shutil.copytree(checkpointed_run, str(tmp_path / "run"))
 
 
 def final(run: str) -> str:

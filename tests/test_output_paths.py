@@ -200,6 +200,22 @@ def test_cache_folder(small_data, places, tmp_path, monkeypatch, capsys, place, 
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")  # checked before any work
 
 
+def test_a_cache_folder_nothing_is_placed_in_is_not_checked(places, tmp_path, monkeypatch):
+    """Both compile caches set by the user: an unusable FASTCRAM_CACHE is none of the compile caches' business."""
+    from fastcram.train.compile_cache import compile_caches
+
+    monkeypatch.setenv("FASTCRAM_CACHE", places["a-file"][1])
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    with compile_caches() as info:
+        assert {v["set_by"] for v in info.values()} == {"the environment, TORCHINDUCTOR_CACHE_DIR",
+                                                         "the environment, TRITON_CACHE_DIR"}
+    monkeypatch.delenv("TRITON_CACHE_DIR")  # one placed there: checked, one line naming FASTCRAM_CACHE
+    with pytest.raises(Exception, match="FASTCRAM_CACHE"):
+        with compile_caches():
+            pass
+
+
 @pytest.mark.parametrize("place", ["a-file", "read-only", "full-disk"])
 def test_cache_folder_of_the_step_benchmark(places, tmp_path, monkeypatch, capsys, place):
     """bench step puts inductor's and Triton's caches into the cache folder: checked before any variant."""

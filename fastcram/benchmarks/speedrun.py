@@ -188,9 +188,9 @@ def data_identity(data_dir: str | None) -> dict:
 def run(settings: SpeedrunSettings, runner: Callable[[list[str]], int] | None = None,
         say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
         command: str | None = None) -> dict:
-    """Every seed's run, one after the other (runner: default subprocess_runner); the report (not written)."""
+    """Every seed's run, one after the other (runner: default subprocess_runner); the report (not written).
+    The settings were checked first (check_settings, before any output folder was made)."""
     runner = runner or subprocess_runner
-    check_settings(settings)
     results: list[RunResult] = []
     for i in range(settings.runs):
         seed = settings.first_seed + i

@@ -17,12 +17,15 @@ VARIABLES = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR"
 
 @contextlib.contextmanager
 def compile_caches(root: str | None = None):
-    """Yields {"inductor": {"path", "set_by"}, "triton": {...}}; set_by says who chose the folder."""
-    root = root or writable_cache_dir()  # a file, read-only or full place: one line naming FASTCRAM_CACHE
+    """Yields {"inductor": {"path", "set_by"}, "triton": {...}}; set_by says who chose the folder. A cache placed
+    in the cache folder is checked first: a file, read-only or full place is one line naming FASTCRAM_CACHE."""
     before = {var: os.environ.get(var) for var in VARIABLES.values()}
+    ours = [name for name, var in VARIABLES.items() if not (before[var] and before[var] != _inductor_default(var))]
+    if ours and root is None:
+        root = writable_cache_dir()
     info = {}
     for name, var in VARIABLES.items():
-        if before[var] and before[var] != _inductor_default(var):
+        if name not in ours:
             info[name] = {"path": before[var], "set_by": f"the environment, {var}"}
         else:
             path = os.path.join(root, name)

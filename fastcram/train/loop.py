@@ -67,7 +67,7 @@ class Training:
         try:
             self.tcfg = self.opts.train
             check_options(self.tcfg)
-            check_cache_folder(self.tcfg, self.resumed is not None, self.caches, self.main)
+            check_cache_folder(self.tcfg, self.resumed is not None, self.main)
             self.device = run_device(self.tcfg, ctx)
             self.model_cfg, self.data_dir, self.data = open_data(self.opts, self.resumed, ctx)  # tokenizer + data
             self.spent = spent = self.resumed["elapsed_s"] if self.resumed else 0.0

@@ -29,14 +29,12 @@ def check_options(tcfg: TrainConfig) -> None:
         raise UserError("--target-loss needs the held-out evaluation that --eval-every 0 turns off")
 
 
-def check_cache_folder(tcfg: TrainConfig, resuming: bool, caches: dict, main: bool) -> None:
-    """The compile caches and the tuning cache live in the cache folder: when this run writes there, the
-    folder is checked before any work (one line naming FASTCRAM_CACHE when it cannot be written). Importing
-    torch's compiler (the fused AdamW does) creates inductor's cache folder, so any run whose compile caches
-    fastcram placed writes there, compiled or not."""
+def check_cache_folder(tcfg: TrainConfig, resuming: bool, main: bool) -> None:
+    """The tuning cache lives in the cache folder: when this run tunes, the folder is checked before any work
+    (one line naming FASTCRAM_CACHE when it cannot be written). The compile caches placed there were checked
+    when they were placed (compile_cache.compile_caches)."""
     tuning = not resuming and (tcfg.micro_batch_auto or any(getattr(tcfg, k) == AUTO for k in autotune.TUNED))
-    placed = any(v["set_by"].startswith("fastcram") for v in caches.values())
-    if main and (tuning or placed):
+    if main and tuning:
         writable_cache_dir()
 
 
